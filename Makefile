@@ -1,0 +1,25 @@
+# The two commands of the README. Both set up .venv first (idempotent).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup quickstart test lint clean
+
+setup:
+	./scripts/setup.sh
+
+## quickstart: set up, then run the main job on the embedded default (local Ray, local MLflow
+## store, generated data, tiny models). Outputs under runs/quickstart.
+quickstart: setup
+	$(BIN)/ttm-ray quickstart
+
+## test: set up, lint, then the whole test suite (slow tests included).
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""The row every data-prep stage reads and writes.
+
+A row is a plain ``dict`` whose keys are the columns of :data:`ROW_SCHEMA`. Every stage takes a
+batch of rows (``list[dict]``) and returns a batch of rows, so stages run in-process in tests
+and unchanged inside Ray Data (``pipeline.py`` adapts them to Arrow batches with this schema).
+
+Errors are data, not exceptions: a stage that cannot handle a row returns it with
+``status == "rejected"`` plus the stage, a reason from :data:`REJECT_REASONS` and a detail
+(the raw LLM answer, the decoder error, ...). Later stages pass rejected rows through untouched,
+and the writer splits them into the rejects table. So every input ends as clip rows or a reject.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+OK = "ok"
+REJECTED = "rejected"
+
+#: Why a row was rejected. A stage may only use these (tests check every reject has one).
+REJECT_REASONS = {
+    "unreadable_input": "the input file could not be read (missing, permission, I/O error)",
+    "unreadable_video": "the file is not a decodable video (corrupt, truncated, not a video)",
+    "too_short": "the video has fewer frames than the clip policy needs",
+    "caption_failed": "no caption could be produced (engine error or empty answer)",
+    "unparseable_llm_output": "the LLM answer did not parse after all retries",
+    "no_objects": "the local-prompt answer named no object",
+    "stage_error": "an unexpected error inside a stage (a bug: see detail)",
+}
+
+OBJECT_PROMPT = pa.struct([("name", pa.string()), ("prompt", pa.string())])
+
+ROW_SCHEMA = pa.schema(
+    [
+        # identity and status
+        ("video_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("clip_id", pa.string()),
+        ("status", pa.string()),
+        ("reject_stage", pa.string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+        # what the input brought with it (manifests; the generated corpus; SA-V-128)
+        ("given_caption", pa.string()),
+        ("given_motion_prompt", pa.string()),
+        ("given_object_prompts", pa.list_(OBJECT_PROMPT)),
+        ("annotation_uri", pa.string()),
+        # probe
+        ("src_bytes", pa.int64()),
+        ("src_fps", pa.float64()),
+        ("src_num_frames", pa.int64()),
+        ("src_height", pa.int64()),
+        ("src_width", pa.int64()),
+        # clip
+        ("clip_index", pa.int64()),
+        ("start_frame", pa.int64()),
+        ("end_frame", pa.int64()),
+        ("frame_indices", pa.list_(pa.int64())),
+        ("clip_fps", pa.float64()),
+        ("num_frames", pa.int64()),
+        # caption (global prompt c)
+        ("caption", pa.string()),
+        ("caption_engine", pa.string()),
+        ("caption_model", pa.string()),
+        ("caption_prompt_version", pa.string()),
+        # LLM prompts (c_motion, c_local)
+        ("c_motion", pa.string()),
+        ("c_local", pa.list_(OBJECT_PROMPT)),
+        ("prompts_engine", pa.string()),
+        ("prompts_model", pa.string()),
+        ("motion_prompt_version", pa.string()),
+        ("local_prompt_version", pa.string()),
+        ("llm_raw_motion", pa.string()),
+        ("llm_raw_local", pa.string()),
+        ("llm_attempts", pa.int64()),
+    ]
+)
+
+COLUMNS = tuple(ROW_SCHEMA.names)
+
+
+def new_row(**fields: Any) -> dict:
+    """A row with every column present (``None`` where unknown) and status ``ok``."""
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not row columns: {sorted(unknown)}")
+    row = dict.fromkeys(COLUMNS)
+    row["status"] = OK
+    row.update(fields)
+    return row
+
+
+def is_rejected(row: dict) -> bool:
+    return row.get("status") == REJECTED
+
+
+def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
+    """A copy of ``row`` marked rejected by ``stage`` for ``reason`` (one of REJECT_REASONS)."""
+    if reason not in REJECT_REASONS:
+        raise ValueError(f"unknown reject reason {reason!r}; add it to REJECT_REASONS")
+    out = dict(row)
+    out.update(status=REJECTED, reject_stage=stage, reject_reason=reason,
+               reject_detail=str(detail)[:20_000])
+    return out
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """Rows -> an Arrow table with exactly :data:`ROW_SCHEMA` (missing keys become null)."""
+    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=ROW_SCHEMA)
