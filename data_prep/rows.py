@@ -16,6 +16,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from ttm_ray.dataset.schema import (
+    DROPPED_OBJECT,
+    OBJECT_BOX,
+    OBJECT_MASKS,
+    OBJECT_PROMPT,
+    OBJECT_SCORES,
+)
+
 OK = "ok"
 REJECTED = "rejected"
 
@@ -23,15 +31,22 @@ REJECTED = "rejected"
 REJECT_REASONS = {
     "unreadable_input": "the input file could not be read (missing, permission, I/O error)",
     "unreadable_video": "the file is not a decodable video (corrupt, truncated, not a video)",
+    "bad_manifest_entry": "a manifest entry could not be used (no path/uri, malformed line/field)",
     "too_short": "the video has fewer frames than the clip policy needs",
+    "too_small": "the video would need more upscaling than clip.max_upscale allows",
     "caption_failed": "no caption could be produced (engine error or empty answer)",
     "unparseable_llm_output": "the LLM answer did not parse after all retries",
     "no_objects": "the local-prompt answer named no object",
+    "prompts_failed": "no motion/object prompts: the LLM engine failed on every attempt, or "
+                      "the input brought none (or invalid ones) in manifest mode",
+    "no_object_grounded": "Grounding DINO found no box for any object name on frame 0",
+    "segmentation_failed": "mask propagation failed or produced no usable mask",
+    "no_gt_masks": "the GT mask source was chosen but the input has no usable annotation",
+    "filtered": "a quality filter (omega temporal consistency, trajectory scores) rejected it",
     "stage_error": "an unexpected error inside a stage (a bug: see detail)",
 }
 
-OBJECT_PROMPT = pa.struct([("name", pa.string()), ("prompt", pa.string())])
-
+# The struct types are the dataset format's (training reads the same structs).
 ROW_SCHEMA = pa.schema(
     [
         # identity and status
@@ -75,6 +90,20 @@ ROW_SCHEMA = pa.schema(
         ("llm_raw_motion", pa.string()),
         ("llm_raw_local", pa.string()),
         ("llm_attempts", pa.int64()),
+        # grounding (first-frame boxes, one per local-prompt object name)
+        ("boxes", pa.list_(OBJECT_BOX)),
+        ("dropped_objects", pa.list_(DROPPED_OBJECT)),
+        ("grounding_model", pa.string()),
+        # mask trajectories
+        ("masks", pa.list_(OBJECT_MASKS)),
+        ("mask_source", pa.string()),  # "sam2" | "gt"
+        ("mask_model", pa.string()),
+        # scores (all stored, so filters can be re-applied without any model)
+        ("score_temporal_min", pa.float64()),  # omega score: min CLIP cos-sim of neighbours
+        ("score_temporal_mean", pa.float64()),
+        ("score_model", pa.string()),
+        ("object_scores", pa.list_(OBJECT_SCORES)),
+        ("filter_failed", pa.list_(pa.string())),  # names of failed thresholds (empty: kept)
     ]
 )
 

@@ -8,6 +8,7 @@ Each subcommand is a thin wrapper over ``jobs/<module>.py``, which also runs on 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line summary). Later issues add train, generate, evaluate, ...
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ttm-ray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest, prog=f"ttm-ray {name}") or 0)
+    try:
+        return int(module.main(rest, prog=f"ttm-ray {name}") or 0)
+    except BrokenPipeError:  # `ttm-ray config show ... | head` closed our stdout: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

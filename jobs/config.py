@@ -42,7 +42,8 @@ def load_any(path: str, overrides: list[str]) -> object:
         cls = config_class(kind)
     except ConfigError as exc:
         raise ConfigError(exc.errors, path) from None
-    return from_dict(cls, data, path)
+    source = f"{path} (with --set {' '.join(overrides)})" if overrides else path
+    return from_dict(cls, data, source)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

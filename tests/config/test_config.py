@@ -171,3 +171,11 @@ def test_bad_yaml_and_non_mapping(tmp_path: Path) -> None:
 def test_dump_yaml_is_loadable() -> None:
     cfg = from_dict(TrainConfig, {"train": {"lr": 3e-4}})
     assert yaml.safe_load(dump_yaml(cfg))["train"]["lr"] == 3e-4
+
+
+def test_empty_mapping_clears_an_inherited_one(tmp_path: Path) -> None:
+    write(tmp_path / "gpu.yaml", {"tags": {"pool": "gpu", "team": "a"}})
+    write(tmp_path / "cpu.yaml", {"base": "gpu.yaml", "tags": {}})
+    write(tmp_path / "more.yaml", {"base": "gpu.yaml", "tags": {"team": "b"}})
+    assert load_config(TrainConfig, tmp_path / "cpu.yaml").tags == {}
+    assert load_config(TrainConfig, tmp_path / "more.yaml").tags == {"pool": "gpu", "team": "b"}

@@ -2,7 +2,7 @@
 
 A job config file is a mapping. It may name one or more base files (``base: ../x.yaml`` or a
 list, relative to the file itself); bases are merged first, in order, then the file on top.
-Mappings merge key by key; lists and scalars replace. ``--set a.b=value`` overrides parse
+Mappings merge key by key (an empty ``{}`` clears); lists and scalars replace. ``--set a.b=value`` overrides parse
 ``value`` as YAML (so ``1e-4`` is a float, ``[1, 2]`` a list, ``null`` clears).
 """
 
@@ -23,10 +23,14 @@ BASE_KEY = "base"
 
 
 def deep_merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base``: mappings merge recursively, everything else replaces."""
+    """``top`` over ``base``: mappings merge recursively, everything else replaces.
+
+    An explicitly empty mapping (``{}``) replaces instead of merging: it is how a file clears
+    a mapping it inherited (e.g. ``custom_resources: {}`` on a CPU-only variant).
+    """
     out = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -1,0 +1,185 @@
+"""Caption: the global prompt ``c`` of each clip, from its first, middle and last frames.
+
+The paper captions SA-V clips with Llama-3.2-11B-Vision from those three frames. By default
+the frames go side by side in one image (``frames: grid``), because Llama-3.2-Vision is
+trained on one image per prompt; ``separate`` sends three images (for VLMs that take several).
+
+Manifest mode (``engine.kind: manifest``) copies ``given_caption`` instead. Rejects:
+``caption_failed`` (engine error or empty answer on every attempt, or no given caption),
+``unreadable_input`` / ``unreadable_video`` (the frames could not be read).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from data_prep.engines import EngineConfig, build_engine
+from data_prep.engines.base import ChatRequest, EngineError, TextEngine, generate_safely
+from data_prep.engines.manifest_engine import MANIFEST, ManifestMissing, given_caption
+from data_prep.parsing import LlmParseError, parse_caption
+from data_prep.prompts import Template, load_template
+from data_prep.rows import is_rejected, reject
+from ttm_ray.config import constrained
+from ttm_ray.dataset.video import InputNotReadable, VideoReadError, read_frames
+
+STAGE = "caption"
+FrameLayout = Literal["grid", "separate"]
+
+#: What the model is told about the images (the template's ``{frames}``). Part of the prompt,
+#: so the layout is recorded with the template in ``caption_prompt_version``.
+LAYOUT_TEXT: dict[str, str] = {
+    "grid": "The image shows three frames of one video clip side by side, from left to "
+            "right: the first, the middle and the last frame.",
+    "separate": "The three images are the first, the middle and the last frame of one video "
+                "clip, in this order.",
+}
+_RAW_KEEP = 1500  # characters of each raw answer kept in reject_detail
+
+
+@dataclass
+class CaptionConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    template: str = constrained("caption_v1", nonempty=True, help="prompt template file stem")
+    frames: Literal["grid", "separate"] = constrained(
+        "grid", help="grid: first/middle/last frame side by side in one image; separate: 3 images"
+    )
+    image_size: int = constrained(
+        448, ge=32, help="each frame is resized so its longer side has this many pixels"
+    )
+    max_attempts: int = constrained(
+        2, ge=1, help="tries per clip; retries (after an empty answer or an engine error) "
+        "sample with a new seed"
+    )
+
+    def validate(self) -> None:
+        template = load_template(self.template)  # TemplateError is a ValueError
+        if template.placeholders != {"frames"}:
+            raise ValueError(
+                f"template {self.template!r} must have exactly the field {{frames}}, "
+                f"has {sorted(template.placeholders)}"
+            )
+
+
+def pick_frames(frame_indices: list[int]) -> list[int]:
+    """First, middle and last of the clip's sampled frames (source frame indices)."""
+    idx = [int(i) for i in frame_indices]
+    return [idx[0], idx[len(idx) // 2], idx[-1]]
+
+
+def fit_long_side(frame: np.ndarray, size: int) -> np.ndarray:
+    """``frame`` resized (aspect kept) so its longer side is ``size`` pixels."""
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    scale = size / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if new == (w, h):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize(new, Image.Resampling.BICUBIC))
+
+
+def frame_images(frames: np.ndarray, layout: FrameLayout, size: int) -> list[np.ndarray]:
+    """The images sent to the VLM: one grid (frames left to right) or one image per frame."""
+    resized = [fit_long_side(f, size) for f in frames]
+    if layout == "grid":
+        return [np.ascontiguousarray(np.concatenate(resized, axis=1))]
+    return resized
+
+
+class CaptionStage:
+    """Rows -> rows with ``caption`` (+ engine, model, prompt version) or a reject."""
+
+    def __init__(self, cfg: CaptionConfig, engine: TextEngine | None = None) -> None:
+        """``engine``: an already built engine (tests); by default built from ``cfg.engine``."""
+        self.cfg = cfg
+        self.manifest = cfg.engine.kind == MANIFEST
+        self.engine: TextEngine | None = None
+        self.template: Template | None = None
+        self.prompt = ""
+        if not self.manifest:
+            self.template = load_template(cfg.template)
+            self.prompt = self.template.format(frames=LAYOUT_TEXT[cfg.frames])
+            self.engine = engine if engine is not None else build_engine(cfg.engine)
+
+    @property
+    def prompt_version(self) -> str | None:
+        return f"{self.template.tag}/{self.cfg.frames}" if self.template else None
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        out = list(rows)
+        todo = [i for i, r in enumerate(out) if not is_rejected(r)]
+        if self.manifest:
+            for i in todo:
+                out[i] = self._from_manifest(out[i])
+        elif todo:
+            self._caption(out, todo)
+        return out
+
+    def _from_manifest(self, row: dict) -> dict:
+        try:
+            caption = given_caption(row)
+        except ManifestMissing as exc:
+            return reject(row, STAGE, "caption_failed", str(exc))
+        return {**row, "caption": caption, "caption_engine": MANIFEST, "caption_model": None,
+                "caption_prompt_version": None}
+
+    def _images(self, row: dict) -> list[np.ndarray]:
+        frames = read_frames(row["source_uri"], pick_frames(row["frame_indices"]))
+        return frame_images(frames, self.cfg.frames, self.cfg.image_size)
+
+    def _caption(self, out: list[dict], todo: list[int]) -> None:
+        assert self.engine is not None
+        images: dict[int, list[np.ndarray]] = {}
+        for i in todo:
+            row = out[i]
+            if not row.get("frame_indices") or not row.get("source_uri"):
+                out[i] = reject(row, STAGE, "stage_error",
+                                "row has no source_uri/frame_indices: the clip stage must run "
+                                "before the caption stage")
+                continue
+            try:
+                images[i] = self._images(row)
+            except InputNotReadable as exc:
+                out[i] = reject(row, STAGE, "unreadable_input", str(exc))
+            except VideoReadError as exc:
+                out[i] = reject(row, STAGE, "unreadable_video", str(exc))
+            except Exception:  # one odd row must not take the batch down with it
+                out[i] = reject(row, STAGE, "stage_error", traceback.format_exc(limit=6))
+
+        history: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+        pending = list(images)
+        for attempt in range(self.cfg.max_attempts):
+            if not pending:
+                break
+            temperature, seed = self.cfg.engine.sampling_for(attempt)
+            requests = [ChatRequest(user=self.prompt, images=images[i], temperature=temperature,
+                                    seed=seed) for i in pending]
+            answers = generate_safely(self.engine, requests)
+            still = []
+            for i, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, EngineError):
+                    history[i].append({"attempt": attempt + 1, "error": "engine_error",
+                                       "message": str(answer)})
+                    still.append(i)
+                    continue
+                try:
+                    out[i] = self._done(out[i], parse_caption(answer))
+                except LlmParseError as exc:
+                    history[i].append({"attempt": attempt + 1, "error": exc.reason_code,
+                                       "message": exc.message, "raw": answer[:_RAW_KEEP]})
+                    still.append(i)
+            pending = still
+        for i in pending:
+            detail = json.dumps({"attempts": history[i]}, ensure_ascii=False)
+            out[i] = reject(self._done(out[i], None), STAGE, "caption_failed", detail)
+
+    def _done(self, row: dict, caption: str | None) -> dict:
+        assert self.engine is not None
+        return {**row, "caption": caption, "caption_engine": self.engine.name,
+                "caption_model": self.engine.model_id,
+                "caption_prompt_version": self.prompt_version}

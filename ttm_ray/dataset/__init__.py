@@ -1,0 +1,1 @@
+"""The dataset format both sides share (video decoding, schema, masks, versions)."""
