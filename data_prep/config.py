@@ -6,12 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.filtering import FilterConfig
+from data_prep.publish import PublishConfig
 from data_prep.resources import StageResources
 from data_prep.sources import SourceConfig
 from data_prep.stages.caption import CaptionConfig
 from data_prep.stages.clip import ClipConfig
+from data_prep.stages.ground import GroundingConfig
+from data_prep.stages.gt_masks import GtMasksConfig
 from data_prep.stages.ingest import IngestConfig
 from data_prep.stages.prompts import PromptConfig
+from data_prep.stages.score import ScoreConfig
+from data_prep.stages.segment import SegmentConfig
 from ttm_ray.config import RunConfig, constrained
 
 
@@ -29,20 +35,27 @@ class SynthConfig:
 
 @dataclass
 class ResourcesConfig:
+    """Placement of every stage (the one place it is configured; see StageResources)."""
+
     cpu: StageResources = field(default_factory=StageResources)
     caption: StageResources = field(default_factory=StageResources)
     prompts: StageResources = field(default_factory=StageResources)
+    ground: StageResources = field(default_factory=StageResources)
+    segment: StageResources = field(default_factory=StageResources)
+    score: StageResources = field(default_factory=StageResources)
 
 
 @dataclass
 class OutputConfig:
-    dir: str | None = constrained(None, help="output folder; null: <run.root>/<run.name>/prep")
-    rows_per_file: int = constrained(2000, gt=0, help="rows per Parquet part file")
+    dir: str | None = constrained(
+        None, help="run folder (work/ rows, dataset/ versions); null: <run.root>/<run.name>")
+    rows_per_file: int = constrained(2000, gt=0, help="rows per Parquet part of the work store")
 
 
 @dataclass
 class PrepConfig:
-    """``ttm-ray prep``: raw videos -> clips -> captions -> motion and object prompts."""
+    """``ttm-ray prep``: raw videos -> clips -> captions -> prompts -> boxes -> mask
+    trajectories -> scores -> filter -> a published dataset version."""
 
     kind: Literal["prep"] = "prep"
     run: RunConfig = field(default_factory=RunConfig)
@@ -51,15 +64,53 @@ class PrepConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    mask_source: Literal["sam2", "gt", "none"] = constrained(
+        "sam2", help="sam2: Grounding DINO boxes + SAM2 propagation; gt: SA-V-format "
+        "annotations given with the input; none: no masks (caption-only datasets)")
+    ground: GroundingConfig = field(default_factory=GroundingConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    gt_masks: GtMasksConfig = field(default_factory=GtMasksConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     max_input_blocks: int = constrained(
         200, gt=0, help="inputs are split into at most this many blocks for the first stages"
     )
 
+    def validate(self) -> None:
+        if self.mask_source == "none" and self.filter.enabled and self.filter.min_objects > 0:
+            raise ValueError(
+                "mask_source is 'none' but filter.min_objects is "
+                f"{self.filter.min_objects}: every clip would be filtered; set "
+                "filter.min_objects: 0 (or choose a mask source)")
+
+    def check_models(self) -> None:
+        """Model paths the chosen stages need exist (raises ValueError naming the key).
+
+        Separate from :meth:`validate` so a config can be validated on a laptop for a cluster
+        whose model folders exist only there; jobs call this before any work starts.
+        """
+        if self.mask_source == "sam2":
+            self.ground.require_model_path()
+            self.segment.require_checkpoint()
+        if self.score.enabled and self.score.temporal:
+            self.score.require_model_path()
+
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir) if self.output.dir else self.run.out_dir / "prep"
+        return Path(self.output.dir) if self.output.dir else self.run.out_dir
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-clip rows of every run so far (the resume/incremental state)."""
+        return self.output_dir / "work"
+
+    @property
+    def dataset_root(self) -> Path:
+        return Path(self.publish.dataset_root) if self.publish.dataset_root else (
+            self.output_dir / "dataset")
 
     @property
     def cpu_stages(self) -> StageResources:

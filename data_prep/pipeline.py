@@ -20,14 +20,33 @@ from typing import Any
 import pyarrow as pa
 
 from data_prep.config import PrepConfig, StageResources
-from data_prep.rows import COLUMNS, is_rejected, reject, to_table
+from data_prep.publish import publish_rows, refilter_version
+from data_prep.rows import COLUMNS, OK, REJECTED, is_rejected, reject, to_table
 from data_prep.sources import list_inputs
 from data_prep.stages.caption import CaptionStage
 from data_prep.stages.clip import ClipStage
+from data_prep.stages.ground import GroundingStage
+from data_prep.stages.gt_masks import GtMasksStage
 from data_prep.stages.ingest import IngestStage
 from data_prep.stages.prompts import PromptStage
-from data_prep.writer import CLIPS_DIR, REJECTS_DIR, DoneSet, PartWriter, load_done
-from ttm_ray.config import write_effective_config
+from data_prep.stages.score import ScoreStage
+from data_prep.stages.segment import SegmentStage
+from data_prep.writer import (
+    CLIPS_DIR,
+    REJECTS_DIR,
+    DoneSet,
+    PartWriter,
+    load_done,
+    read_parts,
+)
+from ttm_ray.config import ConfigError, config_hash, to_dict, write_effective_config
+from ttm_ray.dataset.versions import (
+    DatasetVersion,
+    latest_version,
+    open_version,
+    prune_versions,
+)
+from ttm_ray.tracking import code_version, flatten, log_params, start_mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +79,17 @@ class StageSpec:
 
 
 def stage_specs(cfg: PrepConfig, done: Any) -> list[StageSpec]:
-    """The whole flow, in order. Issue-4 stages (ground, segment, score, filter) go after."""
+    """The whole flow, in order. The filter is applied when a version is published
+    (``data_prep.publish``), over every scored row, so thresholds can change without reruns."""
+    res = cfg.resources
+    masks = {
+        "sam2": [StageSpec("ground", GroundingStage, (cfg.ground,), res.ground, actors=True),
+                 StageSpec("segment", SegmentStage, (cfg.segment,), res.segment, actors=True)],
+        "gt": [StageSpec("gt_masks", GtMasksStage, (cfg.gt_masks,), res.cpu)],
+        "none": [],
+    }[cfg.mask_source]
+    scoring = [StageSpec("score", ScoreStage, (cfg.score,), res.score,
+                         actors=cfg.score.temporal)] if cfg.score.enabled else []
     return [
         StageSpec("ingest", IngestStage, (cfg.ingest,), cfg.cpu_stages),
         StageSpec("skip_done_videos", SkipDone, (done,), cfg.cpu_stages),
@@ -70,6 +99,8 @@ def stage_specs(cfg: PrepConfig, done: Any) -> list[StageSpec]:
                   actors=cfg.caption.engine.kind != "manifest"),
         StageSpec("prompts", PromptStage, (cfg.prompts,), cfg.resources.prompts,
                   actors=cfg.prompts.engine.kind != "manifest"),
+        *masks,
+        *scoring,
     ]
 
 
@@ -141,6 +172,28 @@ class StageStats:
                 for k, v in self.totals.items()}
 
 
+def check_capacity(cfg: PrepConfig, cluster: dict[str, float]) -> None:
+    """Fail fast when actor pools would hold every CPU/GPU and starve the other stages.
+
+    Ray Data starts each pool's ``min_actors`` up front; if they take all CPUs, the CPU tasks
+    that feed them never run and the job hangs instead of failing.
+    """
+    specs = [s for s in stage_specs(cfg, None) if s.actors]
+    for kind in ("CPU", "GPU"):
+        field = "num_cpus" if kind == "CPU" else "num_gpus"
+        pinned = sum(getattr(s.resources, field) * s.resources.min_actors for s in specs)
+        need = pinned + (cfg.cpu_stages.num_cpus if kind == "CPU" else 0.0)
+        have = cluster.get(kind, 0.0)
+        if need > have + 1e-9 and (pinned > 0):
+            raise RuntimeError(
+                f"resources: the model stages' actor pools pin {pinned:g} {kind}s "
+                f"(num_{kind.lower()}s x min_actors) and the CPU stages need "
+                f"{cfg.cpu_stages.num_cpus if kind == 'CPU' else 0:g} more, but the cluster has "
+                f"{have:g}: lower resources.<stage>.num_{kind.lower()}s or min_actors, or add "
+                "nodes (an autoscaling cluster counts only its current nodes here)"
+            )
+
+
 def build_pipeline(cfg: PrepConfig, inputs: list[dict], done: DoneSet, stats: Any = None):
     """Compose the stages on Ray Data (lazy, streaming). Returns the Dataset of result rows."""
     import ray
@@ -200,54 +253,132 @@ def summarize(rows: Iterable[dict]) -> dict[str, Any]:
             "rejects_by_reason": dict(reasons), "rejects_by_stage": dict(stages)}
 
 
-def run_prep(cfg: PrepConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the pipeline into ``cfg.output_dir``; returns (and writes) the run summary."""
+def preflight(cfg: PrepConfig) -> list[dict]:
+    """Everything that can fail before work starts: model paths, the input listing."""
+    try:
+        cfg.check_models()
+    except ValueError as exc:
+        raise ConfigError([str(exc)], "prep config") from None
+    return list_inputs(cfg.source)  # a missing folder/manifest stops us here
+
+
+def run_pipeline(cfg: PrepConfig, inputs: list[dict], progress: bool = True,
+                 fail_after_rows: int | None = None) -> dict[str, Any]:
+    """Stream the pipeline's rows into the work store; returns what this run added.
+
+    ``fail_after_rows`` injects a crash once that many rows are written (crash tests).
+    """
     import ray
 
     from ttm_ray.runtime import init_ray
 
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_effective_config(cfg, out)
-    inputs = list_inputs(cfg.source)  # config errors (missing folder...) stop us here
-    done = load_done(out)
-    log.info("prep: %d inputs, %d clips/videos already done in %s", len(inputs), len(done), out)
-
+    done = load_done(cfg.work_dir)
+    log.info("prep: %d inputs; %d clips/videos already in %s", len(inputs), len(done),
+             cfg.work_dir)
     started = init_ray(cfg.run)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    stats = ray.remote(StageStats).options(num_cpus=0).remote()
-    start = time.perf_counter()
-    writer = PartWriter(out, cfg.output.rows_per_file)
-    counts = Counter()
+    writer = PartWriter(cfg.work_dir, cfg.output.rows_per_file)
+    counts: Counter = Counter()
     reasons: Counter = Counter()
+    start = time.perf_counter()
     try:
+        if started:  # a local Ray has a fixed size; an autoscaling cluster can grow
+            check_capacity(cfg, ray.cluster_resources())
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        stats = ray.remote(StageStats).options(num_cpus=0).remote()
         ds = build_pipeline(cfg, inputs, done, stats)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.add(batch)
-            for status, reason in zip(batch.column("status").to_pylist(),
-                                      batch.column("reject_reason").to_pylist(), strict=True):
-                counts[status] += 1
-                if reason:
-                    reasons[reason] += 1
+            counts.update(batch.column("status").to_pylist())
+            reasons.update(r for r in batch.column("reject_reason").to_pylist() if r)
+            if fail_after_rows is not None and counts.total() >= fail_after_rows:
+                writer.close()  # what was processed is kept: the rerun resumes from it
+                raise RuntimeError(f"injected failure after {counts.total()} rows")
         writer.close()
         stage_stats = ray.get(stats.get.remote())
     finally:
         if started:
             ray.shutdown()
-    summary = {
-        "output": str(out),
-        "clips_table": str(out / CLIPS_DIR),
-        "rejects_table": str(out / REJECTS_DIR),
-        "inputs": len(inputs),
-        "already_done": len(done),
-        "new_clips": counts["ok"],
-        "new_rejects": counts["rejected"],
-        "rejects_by_reason": dict(reasons),
-        "stages": stage_stats,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    return {"inputs": len(inputs), "already_done": len(done), "new_clips": counts[OK],
+            "new_rejects": counts[REJECTED], "rejects_by_reason": dict(reasons),
+            "stages": stage_stats, "pipeline_seconds": round(time.perf_counter() - start, 2)}
+
+
+def work_rows(cfg: PrepConfig) -> list[dict]:
+    clips = read_parts(cfg.work_dir / CLIPS_DIR).to_pylist()
+    return clips + read_parts(cfg.work_dir / REJECTS_DIR).to_pylist()
+
+
+def lineage(cfg: PrepConfig) -> dict[str, Any]:
+    return {"source": to_dict(cfg.source), "filter": to_dict(cfg.filter),
+            "config_hash": config_hash(cfg), "code_version": code_version(),
+            "work_dir": str(cfg.work_dir)}
+
+
+def unchanged_latest(cfg: PrepConfig, added_rows: int) -> DatasetVersion | None:
+    """The latest version, if publishing now would reproduce it (nothing new, same filter)."""
+    if added_rows or latest_version(cfg.dataset_root) is None:
+        return None
+    latest = open_version(cfg.dataset_root)
+    same = latest.manifest["lineage"].get("filter") == to_dict(cfg.filter)
+    return latest if same else None
+
+
+def log_version_to_mlflow(cfg: PrepConfig, version: DatasetVersion,
+                          summary: dict[str, Any]) -> str:
+    """One MLflow run per published version: config, lineage, counts, the dataset card."""
+    import mlflow
+
+    tags = {"job": "prep", "dataset_version": version.name,
+            "dataset_root": str(cfg.dataset_root), "code_version": code_version()}
+    with start_mlflow_run(cfg.run.resolved_mlflow_uri(), cfg.run.mlflow_experiment,
+                          f"prep-{version.name}", tags) as run:
+        log_params(flatten(cfg))
+        mlflow.log_metrics({k: float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifacts(str(version.path / "card"), artifact_path="card")
+        mlflow.log_dict(version.manifest, "manifest.json")
+        mlflow.log_dict(summary, "summary.json")
+        return run.info.run_id
+
+
+def run_prep(cfg: PrepConfig, progress: bool = True, fail_after_rows: int | None = None,
+             track: bool = True) -> dict[str, Any]:
+    """Run the pipeline into the work store, then publish a dataset version from all of it."""
+    out = cfg.output_dir
+    inputs = preflight(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_effective_config(cfg, out)
+    start = time.perf_counter()
+    summary = run_pipeline(cfg, inputs, progress, fail_after_rows)
+    version = unchanged_latest(cfg, summary["new_clips"] + summary["new_rejects"])
+    summary["published"] = version is None
+    if version is None:
+        version = publish_rows(work_rows(cfg), cfg.dataset_root, cfg.filter, lineage(cfg),
+                               rows_per_file=cfg.publish.rows_per_file)
+    pruned = prune_versions(cfg.dataset_root, cfg.publish.keep_versions) \
+        if cfg.publish.keep_versions else []
+    summary.update(
+        output=str(out), work_dir=str(cfg.work_dir), dataset_root=str(cfg.dataset_root),
+        dataset_version=version.name, version_path=str(version.path),
+        kept=version.manifest["lineage"]["kept"], rejected=version.manifest["lineage"]["rejected"],
+        pruned_versions=pruned, seconds=round(time.perf_counter() - start, 2),
+    )
+    if track and summary["published"]:
+        summary["mlflow_run_id"] = log_version_to_mlflow(cfg, version, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_refilter(cfg: PrepConfig, version: str = "latest", track: bool = True
+                 ) -> dict[str, Any]:
+    """Re-apply ``cfg.filter`` to a published version's stored scores. No model, no Ray."""
+    new = refilter_version(cfg.dataset_root, cfg.filter, lineage(cfg), version)
+    summary = {"dataset_root": str(cfg.dataset_root), "dataset_version": new.name,
+               "refiltered_from": new.manifest["lineage"]["refiltered_from"],
+               "kept": new.manifest["lineage"]["kept"],
+               "rejected": new.manifest["lineage"]["rejected"]}
+    if track:
+        summary["mlflow_run_id"] = log_version_to_mlflow(cfg, new, summary)
     return summary
 
 
@@ -256,14 +387,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"prep: {summary['inputs']} inputs, {summary['already_done']} already done; "
         f"{summary['new_clips']} new clips, {summary['new_rejects']} new rejects "
         f"in {summary['seconds']}s",
+        f"  {'published' if summary['published'] else 'nothing new; latest stays'} "
+        f"{summary['dataset_version']}: {summary['kept']} clips kept, "
+        f"{summary['rejected']} rejected (all runs)",
     ]
     for name, s in summary["stages"].items():
         lines.append(f"  {name:<18} {s['rows_in']:>6} in {s['rows_out']:>6} out "
                      f"{s['seconds']:>8.2f}s")
     for reason, n in sorted(summary["rejects_by_reason"].items()):
         lines.append(f"  rejected {reason:<24} {n}")
-    lines.append(f"  clips:   {summary['clips_table']}")
-    lines.append(f"  rejects: {summary['rejects_table']}")
+    lines.append(f"  dataset: {summary['version_path']}")
+    lines.append(f"  card:    {summary['version_path']}/card/README.md")
+    if summary.get("mlflow_run_id"):
+        lines.append(f"  mlflow:  run {summary['mlflow_run_id']}")
     return "\n".join(lines)
 
 

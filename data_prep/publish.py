@@ -86,7 +86,8 @@ def _histogram_png(values: dict[str, list[float]], title: str, threshold: float 
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold}")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

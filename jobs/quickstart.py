@@ -32,25 +32,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     root = Path(args.root)
 
     def job() -> dict:
-        from data_prep.synthetic import generate_corpus
-
         from data_prep.config import PrepConfig
         from data_prep.pipeline import format_summary, run_prep
+        from data_prep.synthetic import generate_corpus
+        from data_prep.tiny_models import build_tiny_clip
         from ttm_ray.config import load_config
 
         start = time.perf_counter()
         print(f"[quickstart] 1/2 generating {args.videos}+{args.corrupt} videos", file=sys.stderr)
         manifest = generate_corpus(root / "corpus", args.videos, args.seed, args.corrupt)
         print(f"[quickstart] 2/2 curating {manifest}", file=sys.stderr)
+        clip_dir = build_tiny_clip(root / "models" / "tiny-clip")  # random weights, real code
         cfg = load_config(PrepConfig, resolve_config_path(PREP_CONFIG), [
             f"source.path={manifest}", f"run.root={root}", "run.name=prep",
+            f"score.clip_model_path={clip_dir}",
         ])
         summary = run_prep(cfg)
         print(format_summary(summary), file=sys.stderr)
         print(f"[quickstart] done in {time.perf_counter() - start:.0f}s. Outputs:\n"
-              f"  corpus:  {root / 'corpus'}\n  dataset: {summary['output']}", file=sys.stderr)
-        return {"corpus": str(root / "corpus"), "prep": summary["output"],
-                "clips": summary["new_clips"], "rejects": summary["new_rejects"]}
+              f"  corpus:  {root / 'corpus'}\n"
+              f"  dataset: {summary['version_path']} (latest of {summary['dataset_root']})\n"
+              f"  mlflow:  {cfg.run.resolved_mlflow_uri()} (experiment "
+              f"{cfg.run.mlflow_experiment!r}; `mlflow ui --backend-store-uri ...`)",
+              file=sys.stderr)
+        return {"corpus": str(root / "corpus"), "dataset_version": summary["dataset_version"],
+                "dataset": summary["version_path"], "kept": summary["kept"],
+                "rejected": summary["rejected"], "mlflow_run_id": summary.get("mlflow_run_id")}
 
     return run_job(job, "quickstart")
 

@@ -13,7 +13,8 @@ name), each name owns the tokens that fall inside its character span (tokenizer 
 candidate when the query's box score (its max over all tokens, Grounding DINO's usual box
 confidence) is ``>= box_threshold`` and the name's own score is ``>= text_threshold``. Pairs
 are then matched greedily by score, one box per name and one name per box, so two similar
-names ("red circle", "blue circle") never share a box.
+names ("red circle", "blue circle") never share a box; a box that overlaps an already matched
+one (``dedup_iou``) counts as a duplicate detection of that object, not as another name's box.
 
 Names without a box land in ``dropped_objects`` with a reason; a clip with no box left is
 rejected ``no_object_grounded``. Boxes are in source pixels (x0, y0, x1, y1) of the first
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -63,10 +65,17 @@ class GroundingConfig:
         0.35, ge=0, help="min box score (max token probability of a query) to keep a box")
     text_threshold: float = constrained(
         0.25, ge=0, help="min probability of an object name's tokens for a box to be that name")
+    dedup_iou: float | None = constrained(
+        0.8, gt=0, le=1, help="a box overlapping an already matched box by at least this IoU "
+        "is a duplicate detection of that object, not a box for another name; null: off")
     max_objects: int = constrained(
         8, gt=0, help="ground at most this many objects per clip (c_local order); the rest "
         "are dropped with reason max_objects")
     batch_size: int = constrained(4, gt=0, help="frames per Grounding DINO forward pass")
+    shortest_edge: int | None = constrained(
+        None, ge=32, help="resize frames so the shorter side has this many pixels (the longer "
+        "at most 5/3 of it); null: the processor's own (800 for Grounding DINO). Smaller is "
+        "faster and misses small objects")
     device: str = constrained(
         "auto", nonempty=True, help="torch device (cpu, cuda, cuda:1); auto: cuda if available")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = constrained(
@@ -124,13 +133,29 @@ def token_groups(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
     return groups
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def match_boxes(
-    probs: np.ndarray, groups: list[list[int]], box_threshold: float, text_threshold: float
+    probs: np.ndarray, groups: list[list[int]], box_threshold: float, text_threshold: float,
+    boxes: Sequence[Sequence[float] | None] | None = None, dedup_iou: float | None = None,
 ) -> dict[int, tuple[int, float]]:
     """``{name index: (query index, score)}``: the best box per name, each box used once.
 
-    ``probs``: ``[queries, tokens]`` sigmoid probabilities of one image. Greedy matching by
-    descending name score (optimal enough for a handful of names, and deterministic).
+    ``probs``: ``[queries, tokens]`` sigmoid probabilities of one image; ``groups``: each
+    name's token positions. Greedy matching by descending name score (deterministic, and
+    optimal enough for a handful of names). With ``boxes`` and ``dedup_iou``, a box that
+    overlaps an already matched box by ``IoU >= dedup_iou`` is taken for a duplicate query on
+    the same object and not given to another name (Grounding DINO often has several queries
+    on one object that also score a similar name, e.g. "red circle" / "red square").
     """
     box_score = probs.max(axis=1) if probs.size else np.zeros(probs.shape[0])
     pairs = []
@@ -144,9 +169,13 @@ def match_boxes(
     out: dict[int, tuple[int, float]] = {}
     used: set[int] = set()
     for score, i, q in pairs:
-        if i not in out and q not in used:
-            out[i] = (q, score)
-            used.add(q)
+        if i in out or q in used:
+            continue
+        if boxes is not None and dedup_iou is not None and boxes[q] is not None and any(
+                box_iou(boxes[q], boxes[u]) >= dedup_iou for u in used):
+            continue
+        out[i] = (q, score)
+        used.add(q)
     return out
 
 
@@ -289,8 +318,12 @@ class GroundingStage:
             list(texts), padding="longest", truncation=True, max_length=self.max_text_len,
             return_offsets_mapping=True, return_token_type_ids=True, return_tensors="pt")
         offsets = enc.pop("offset_mapping").tolist()
+        size = {}
+        if self.cfg.shortest_edge is not None:  # Grounding DINO's own ratio: 800 -> 1333
+            edge = self.cfg.shortest_edge
+            size = {"size": {"shortest_edge": edge, "longest_edge": round(edge * 1333 / 800)}}
         pixels = self.processor.image_processor(images=[j.frame for j in jobs],
-                                                return_tensors="pt")
+                                                return_tensors="pt", **size)
         inputs = {**enc, **pixels}
         inputs = {k: (v.to(self.device, dtype=self.dtype) if v.is_floating_point()
                       else v.to(self.device)) for k, v in inputs.items()}
@@ -311,12 +344,13 @@ class GroundingStage:
             pix = [to_source_box(boxes[b, q], h, w) for q in range(boxes.shape[1])]
             p = probs[b].copy()
             p[[q for q, bx in enumerate(pix) if bx is None]] = -1.0
-            for i, (q, score) in match_boxes(p, groups, self.cfg.box_threshold,
-                                             self.cfg.text_threshold).items():
+            matched = match_boxes(p, groups, self.cfg.box_threshold, self.cfg.text_threshold,
+                                  boxes=pix, dedup_iou=self.cfg.dedup_iou)
+            for i, (q, score) in matched.items():
                 found.boxes[i] = (pix[q], score)
             results.append(found)
         return results
 
 
-__all__ = ["DROP_REASONS", "GroundingConfig", "GroundingStage", "build_text", "match_boxes",
-           "phrase", "resolve_device", "to_source_box", "token_groups"]
+__all__ = ["DROP_REASONS", "GroundingConfig", "GroundingStage", "box_iou", "build_text",
+           "match_boxes", "phrase", "resolve_device", "to_source_box", "token_groups"]

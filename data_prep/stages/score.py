@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import traceback
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +76,18 @@ class ScoreConfig:
         if self.model_name:
             return self.model_name
         return f"clip:{Path(self.clip_model_path or '').expanduser().resolve().name}"
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # ----------------------------------------------------------------------------- pure scores
@@ -195,8 +208,11 @@ def load_clip(path: str | Path, device: str, dtype: str = "auto") -> tuple[Any, 
     device = resolve_device(device)
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    model = CLIPVisionModelWithProjection.from_pretrained(
-        path, config=vision, dtype=getattr(torch, dtype), local_files_only=True)
+    # Loading the vision tower of a full CLIPModel leaves the text weights unused on purpose;
+    # transformers would print a table of them per worker, so hush it for this one load.
+    with quiet_transformers():
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            path, config=vision, dtype=getattr(torch, dtype), local_files_only=True)
     processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), processor
 

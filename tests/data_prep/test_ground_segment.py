@@ -19,6 +19,7 @@ from data_prep.rows import REJECT_REASONS, is_rejected, new_row, reject, to_tabl
 from data_prep.stages.ground import (
     GroundingConfig,
     GroundingStage,
+    box_iou,
     build_text,
     match_boxes,
     phrase,
@@ -107,6 +108,12 @@ def test_match_boxes_one_box_per_name_and_thresholds():
     assert match_boxes(probs, [[0, 1], [2]], 0.95, 0.0) == {}
     assert match_boxes(probs, [[0, 1], [2]], 0.0, 0.95) == {}
     assert match_boxes(probs, [[0, 1], []], 0.0, 0.0) == {0: (0, pytest.approx(0.9))}
+    # Query 2's box is a near-duplicate of query 0's: not a box for name 1 with dedup on.
+    boxes = [[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 11]]
+    assert match_boxes(probs, [[0, 1], [2]], 0.3, 0.25, boxes=boxes, dedup_iou=0.8) == {
+        0: (0, pytest.approx(0.9))}
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
 
 
 def test_to_source_box_scales_and_clips():

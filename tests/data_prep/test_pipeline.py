@@ -1,18 +1,21 @@
-"""The whole curation pipeline on a local Ray cluster over the generated corpus."""
+"""The whole curation pipeline on a local Ray cluster over the generated corpus: every input
+accounted for, published versions, incremental reruns, crash + resume, refilter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_prep.config import PrepConfig
-from data_prep.pipeline import run_prep, run_sequential
+from data_prep.pipeline import run_prep, run_refilter, run_sequential
 from data_prep.sources import list_inputs
 from data_prep.synthetic import generate_corpus
-from data_prep.writer import CLIPS_DIR, REJECTS_DIR, read_parts
 from ttm_ray.config import from_dict
+from ttm_ray.dataset.schema import SHARD_SCHEMA
+from ttm_ray.dataset.versions import latest_version, list_versions, open_version
 
 pytestmark = pytest.mark.slow
 
@@ -27,78 +30,179 @@ EXPECTED_REASON = {
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), 12, seed=3, num_corrupt=4)
+    """16 valid videos + 5 broken inputs (one of each kind)."""
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), 16, seed=3, num_corrupt=5)
 
 
-def prep_config(manifest: Path, out: Path, **extra: dict) -> PrepConfig:
+@pytest.fixture(scope="module")
+def first12(corpus: Path) -> Path:
+    """The same corpus minus 4 valid videos: the 'before' of an incremental rebuild."""
+    table = pq.read_table(corpus)
+    valid = [i for i, c in enumerate(table.column("corrupt").to_pylist()) if not c]
+    drop = set(valid[-4:])
+    keep = [i for i in range(table.num_rows) if i not in drop]
+    path = corpus.with_name("manifest_first12.parquet")
+    pq.write_table(table.take(pa.array(keep)), path)
+    return path
+
+
+def prep_config(manifest: Path, out: Path, clip_dir: Path, **extra: dict) -> PrepConfig:
     data = {
         "source": {"kind": "manifest", "path": str(manifest)},
         "caption": {"engine": {"kind": "manifest"}},
         "prompts": {"engine": {"kind": "manifest"}},
+        "mask_source": "gt",
+        "score": {"clip_model_path": str(clip_dir), "device": "cpu"},
+        "filter": {"omega": 0.0},
         "clip": {"num_frames": 8, "fps": 8.0},
         "output": {"dir": str(out), "rows_per_file": 7},
+        "resources": {"score": {"num_cpus": 0.5}},
         **extra,
     }
     return from_dict(PrepConfig, data)
 
 
-def test_every_input_accounted_for_and_rerun_is_a_no_op(ray_local, corpus: Path,
-                                                        tmp_path: Path) -> None:
-    cfg = prep_config(corpus, tmp_path / "out")
-    first = run_prep(cfg, progress=False)
-    clips = read_parts(tmp_path / "out" / CLIPS_DIR).to_pylist()
-    rejects = read_parts(tmp_path / "out" / REJECTS_DIR).to_pylist()
-    assert first["new_clips"] == len(clips) > 12
-    assert first["new_rejects"] == len(rejects)
+def sources_of(rows: list[dict]) -> set[str]:
+    return {str(Path(r["source_uri"]).resolve()) for r in rows}
 
-    manifest = pq.read_table(corpus.with_suffix(".parquet")).to_pylist()
+
+def test_every_input_accounted_for_and_rerun_is_a_no_op(ray_local, corpus: Path, tmp_path: Path,
+                                                        tiny_clip_dir: Path) -> None:
+    cfg = prep_config(corpus, tmp_path / "out", tiny_clip_dir)
+    first = run_prep(cfg, progress=False, track=False)
+    version = open_version(cfg.dataset_root)
+    assert version.name == first["dataset_version"] == latest_version(cfg.dataset_root)
+    data = version.read("data")
+    assert data.schema.remove_metadata() == SHARD_SCHEMA.remove_metadata()  # as documented
+    clips, rejects = data.to_pylist(), version.read("rejects").to_pylist()
+    assert first["kept"] == len(clips) > 16 and first["rejected"] == len(rejects) == 5
+
+    manifest = pq.read_table(corpus).to_pylist()
     by_uri = {str((corpus.parent / m["path"]).resolve()): m for m in manifest}
-    seen_uris = {Path(r["source_uri"]).resolve().as_posix() for r in clips + rejects}
-    assert seen_uris == set(by_uri)  # every input ends as clips or a reject
+    assert sources_of(clips) | sources_of(rejects) == set(by_uri)  # nothing lost
     for r in rejects:
         m = by_uri[str(Path(r["source_uri"]).resolve())]
         assert m["corrupt"], f"valid video rejected: {r['reject_reason']} {r['reject_detail']}"
         assert r["reject_reason"] == EXPECTED_REASON[m["corrupt_kind"]], m["corrupt_kind"]
-    assert len(rejects) == 4
     for c in clips:
-        assert c["caption"] and c["c_motion"] and c["c_local"]
+        assert c["caption"] and c["c_motion"] and c["c_local"] and c["masks"]
         assert len(c["frame_indices"]) == 8
+        assert all(len(m["rle"]) == 8 for m in c["masks"])
+        assert c["score_temporal_min"] is not None and c["colour_table_version"]
+        assert {o["name"] for o in c["c_local"]} == {m["name"] for m in c["masks"]}
     assert len({c["clip_id"] for c in clips}) == len(clips)  # no duplicates
+    version.verify()
+    assert (version.path / "card" / "README.md").is_file()
+    assert (version.path / "card" / "omega.png").stat().st_size > 0
 
-    second = run_prep(cfg, progress=False)
+    second = run_prep(cfg, progress=False, track=False)
     assert (second["new_clips"], second["new_rejects"]) == (0, 0)
     assert second["already_done"] == len(clips) + len(rejects)
-    assert len(read_parts(tmp_path / "out" / CLIPS_DIR)) == len(clips)
+    assert not second["published"] and list_versions(cfg.dataset_root) == [version.name]
 
 
-def test_sequential_baseline_matches_ray(ray_local, corpus: Path, tmp_path: Path) -> None:
-    cfg = prep_config(corpus, tmp_path / "seq")
+def test_incremental_rebuild_adds_only_new_videos(ray_local, corpus: Path, first12: Path,
+                                                  tmp_path: Path, tiny_clip_dir: Path) -> None:
+    before = run_prep(prep_config(first12, tmp_path / "inc", tiny_clip_dir),
+                      progress=False, track=False)
+    after = run_prep(prep_config(corpus, tmp_path / "inc", tiny_clip_dir),
+                     progress=False, track=False)
+    assert after["already_done"] == before["new_clips"] + before["new_rejects"]
+    rows = open_version(tmp_path / "inc" / "dataset").read("data").to_pylist()
+    assert len(sources_of(rows)) == 16  # exactly the 16 valid sources
+    assert len({r["clip_id"] for r in rows}) == len(rows) == after["kept"]
+    assert after["new_clips"] == after["kept"] - before["kept"] > 0
+    assert len(list_versions(tmp_path / "inc" / "dataset")) == 2
+
+
+def test_crash_mid_run_never_publishes_a_partial_version(ray_local, corpus: Path, tmp_path: Path,
+                                                         tiny_clip_dir: Path) -> None:
+    cfg = prep_config(corpus, tmp_path / "crash", tiny_clip_dir)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_prep(cfg, progress=False, track=False, fail_after_rows=10)
+    assert latest_version(cfg.dataset_root) is None  # nothing published, nothing partial
+    resumed = run_prep(cfg, progress=False, track=False)
+    assert resumed["already_done"] >= 10
+    clean = run_prep(prep_config(corpus, tmp_path / "clean", tiny_clip_dir), progress=False,
+                     track=False)
+    got = sorted(open_version(cfg.dataset_root).read("data").column("clip_id").to_pylist())
+    want = sorted(open_version(tmp_path / "clean" / "dataset").read("data")
+                  .column("clip_id").to_pylist())
+    assert got == want and resumed["kept"] == clean["kept"]
+
+
+def test_refilter_changes_kept_set_without_models(ray_local, corpus: Path, tmp_path: Path,
+                                                  tiny_clip_dir: Path, monkeypatch) -> None:
+    cfg = prep_config(corpus, tmp_path / "refilter", tiny_clip_dir)
+    run_prep(cfg, progress=False, track=False)
+    scores = sorted(open_version(cfg.dataset_root).read("data")
+                    .column("score_temporal_min").to_pylist())
+    omega = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+
+    import data_prep.stages.score as score_mod
+
+    def no_model(*_a, **_k):
+        raise AssertionError("refilter must not load a model")
+
+    monkeypatch.setattr(score_mod, "load_clip", no_model)
+    strict = prep_config(corpus, tmp_path / "refilter", tiny_clip_dir, filter={"omega": omega})
+    summary = run_refilter(strict, track=False)
+    newer = open_version(cfg.dataset_root)
+    assert newer.name == summary["dataset_version"] != summary["refiltered_from"]
+    kept = newer.read("data").column("score_temporal_min").to_pylist()
+    assert kept and all(s >= omega for s in kept) and len(kept) < len(scores)
+    filtered = [r for r in newer.read("rejects").to_pylist() if r["reject_reason"] == "filtered"]
+    assert len(filtered) == len(scores) - len(kept)
+    # and back: the loose threshold brings every filtered clip back
+    back = run_refilter(prep_config(corpus, tmp_path / "refilter", tiny_clip_dir), track=False)
+    assert back["kept"] == len(scores)
+
+
+def test_sequential_baseline_matches_ray(ray_local, corpus: Path, tmp_path: Path,
+                                         tiny_clip_dir: Path) -> None:
+    cfg = prep_config(corpus, tmp_path / "seq", tiny_clip_dir)
     rows = run_sequential(cfg, list_inputs(cfg.source))
     ok = sorted(r["clip_id"] for r in rows if r["status"] == "ok")
-    run_prep(cfg, progress=False)
-    written = sorted(read_parts(tmp_path / "seq" / CLIPS_DIR).column("clip_id").to_pylist())
+    run_prep(cfg, progress=False, track=False)
+    written = sorted(open_version(cfg.dataset_root).read("data").column("clip_id").to_pylist())
     assert ok == written
 
 
 def test_model_engines_in_actor_pools(ray_local, corpus: Path, tmp_path: Path,
-                                      tiny_vlm_dir: Path, tiny_llama_dir: Path) -> None:
+                                      tiny_clip_dir: Path, tiny_vlm_dir: Path,
+                                      tiny_llama_dir: Path) -> None:
     """Tiny random models answer garbage: captions exist, prompts get quarantined, run goes on."""
     cfg = prep_config(
-        corpus, tmp_path / "models",
+        corpus, tmp_path / "models", tiny_clip_dir,
         caption={"engine": {"kind": "transformers", "model_path": str(tiny_vlm_dir),
                             "max_new_tokens": 8}},
         prompts={"engine": {"kind": "transformers", "model_path": str(tiny_llama_dir),
                             "max_new_tokens": 8}, "max_attempts": 2},
         source={"kind": "manifest", "path": str(corpus), "limit": 5},
+        # Three actor pools on a 2-CPU Ray: fractional CPUs leave room for the CPU tasks.
+        resources={"caption": {"num_cpus": 0.25}, "prompts": {"num_cpus": 0.25},
+                   "score": {"num_cpus": 0.25}},
     )
-    summary = run_prep(cfg, progress=False)
-    rejects = read_parts(tmp_path / "models" / REJECTS_DIR).to_pylist()
-    clips = read_parts(tmp_path / "models" / CLIPS_DIR).to_pylist()
-    assert summary["new_clips"] + summary["new_rejects"] == len(clips) + len(rejects) > 0
+    summary = run_prep(cfg, progress=False, track=False)
+    version = open_version(cfg.dataset_root)
+    rejects = version.read("rejects").to_pylist()
+    assert summary["kept"] + summary["rejected"] == version.read("data").num_rows + len(rejects)
+    assert summary["new_clips"] + summary["new_rejects"] > 0
     for r in rejects:
         assert r["reject_reason"] in {"unparseable_llm_output", "no_objects", "caption_failed",
-                                      "unreadable_video", "too_short"}
+                                      "prompts_failed", "unreadable_video", "too_short"}
         if r["reject_reason"] == "unparseable_llm_output":
             assert r["llm_raw_local"] is not None or r["llm_raw_motion"] is not None
             assert r["caption_engine"] == "transformers"
     assert summary["stages"]["caption"]["rows_in"] > 0
+
+
+def test_preflight_stops_before_work(tmp_path: Path, corpus: Path) -> None:
+    from ttm_ray.config import ConfigError
+
+    cfg = from_dict(PrepConfig, {"source": {"kind": "manifest", "path": str(corpus)},
+                                 "output": {"dir": str(tmp_path / "x")},
+                                 "mask_source": "sam2"})
+    with pytest.raises(ConfigError, match=r"ground\.model_path"):
+        run_prep(cfg, progress=False, track=False)
+    assert not (tmp_path / "x").exists()  # nothing started, nothing written

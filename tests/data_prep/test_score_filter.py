@@ -40,27 +40,6 @@ DIAG = math.hypot(H, W)
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, hidden-32 CLIPModel (32 px images, 8 px patches) + its image processor."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32},
-                       crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
 def _square_masks(x0: int, dx: int) -> np.ndarray:
     m = np.zeros((T, H, W), bool)
     for t in range(T):

@@ -2,8 +2,8 @@
 
 A job config file is a mapping. It may name one or more base files (``base: ../x.yaml`` or a
 list, relative to the file itself); bases are merged first, in order, then the file on top.
-Mappings merge key by key (an empty ``{}`` clears); lists and scalars replace. ``--set a.b=value`` overrides parse
-``value`` as YAML (so ``1e-4`` is a float, ``[1, 2]`` a list, ``null`` clears).
+Mappings merge key by key (an empty ``{}`` clears); lists and scalars replace. ``--set
+a.b=value`` overrides parse ``value`` as YAML (``1e-4`` a float, ``[1, 2]`` a list).
 """
 
 from __future__ import annotations

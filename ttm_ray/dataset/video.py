@@ -16,6 +16,7 @@ Cache folder: ``$TTM_VIDEO_CACHE`` (default ``<tmp>/ttm_ray_video_cache``), boun
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -31,6 +32,7 @@ from typing import IO, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 CACHE_ENV = "TTM_VIDEO_CACHE"
@@ -115,7 +117,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     parts = urlsplit(uri)
     try:
         fs, root = _pyarrow_root(_scheme(uri), parts.netloc)
-    except Exception:  # ArrowInvalid / ArrowNotImplementedError: not a pyarrow filesystem
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a scheme pyarrow does not know
         import fsspec
 
         fs_spec, path = fsspec.core.url_to_fs(uri)
@@ -149,20 +151,23 @@ def _cache_dir() -> Path:
 
 def _evict(cache: Path, keep_bytes: int) -> None:
     entries = []
-    for e in os.scandir(cache):
-        if e.is_file() and not e.name.endswith(".part"):
-            st = e.stat()
-            entries.append((st.st_mtime, st.st_size, e.path))
-    total = sum(size for _, size, _ in entries)
     now = time.time()
+    for e in os.scandir(cache):
+        if not e.is_file():
+            continue
+        st = e.stat()
+        if not e.name.endswith(".part"):
+            entries.append((st.st_mtime, st.st_size, e.path))
+        elif now - st.st_mtime > 12 * _EVICT_GRACE_S:  # left by a worker that died mid-copy
+            with contextlib.suppress(OSError):
+                os.remove(e.path)
+    total = sum(size for _, size, _ in entries)
     for mtime, size, path in sorted(entries):
         if total <= keep_bytes or now - mtime < _EVICT_GRACE_S:
             break
-        try:
+        with contextlib.suppress(OSError):  # another worker may have evicted it first
             os.remove(path)
-            total -= size
-        except OSError:  # another worker evicted it first
-            pass
+        total -= size
 
 
 def local_video_path(uri: str) -> str:
