@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_prep.config import PrepConfig, StageResources
-from data_prep.publish import publish_rows, refilter_version
+from data_prep.publish import clip_bytes_encoder, publish_rows, refilter_version
 from data_prep.rows import COLUMNS, OK, REJECTED, is_rejected, reject, to_table
 from data_prep.sources import list_inputs
 from data_prep.stages.caption import CaptionStage
@@ -353,8 +353,12 @@ def run_prep(cfg: PrepConfig, progress: bool = True, fail_after_rows: int | None
     version = unchanged_latest(cfg, summary["new_clips"] + summary["new_rejects"])
     summary["published"] = version is None
     if version is None:
+        embed = None
+        if cfg.publish.embed_clip_bytes:
+            target = cfg.clip.resolutions[0]
+            embed = clip_bytes_encoder(target.height, target.width)
         version = publish_rows(work_rows(cfg), cfg.dataset_root, cfg.filter, lineage(cfg),
-                               rows_per_file=cfg.publish.rows_per_file)
+                               rows_per_file=cfg.publish.rows_per_file, embed=embed)
     pruned = prune_versions(cfg.dataset_root, cfg.publish.keep_versions) \
         if cfg.publish.keep_versions else []
     summary.update(

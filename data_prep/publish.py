@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ttm_ray.conditioning.trajectory import COLOUR_TABLE_VERSION
 from ttm_ray.config import constrained
 from ttm_ray.dataset.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ttm_ray.dataset.versions import DatasetVersion, VersionWriter, open_version
+from ttm_ray.dataset.video import read_frames, resize_center_crop, write_video
 
 VERSION_COLUMNS = ("caption_model", "caption_prompt_version", "prompts_model",
                    "motion_prompt_version", "local_prompt_version", "grounding_model",
@@ -37,6 +40,24 @@ class PublishConfig:
         False, help="also store each clip re-encoded at the first clip.resolutions size")
     keep_versions: int | None = constrained(
         None, gt=0, help="after publishing, delete all but the newest N versions")
+
+
+def clip_bytes_encoder(height: int, width: int) -> Callable[[dict], bytes]:
+    """``row -> mp4 bytes`` of the clip resized/cropped to ``height x width`` (the shared rule).
+
+    For datasets that must not depend on the source videos staying where they are. Runs at
+    publish time on the driver: fine for small datasets; at scale keep the URI+span default.
+    """
+    def encode(row: dict) -> bytes:
+        frames = resize_center_crop(read_frames(row["source_uri"], row["frame_indices"]),
+                                    height, width)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "clip.mp4"
+            pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+            write_video(path, frames, row["clip_fps"] or 8.0, pix_fmt=pix_fmt)
+            return path.read_bytes()
+
+    return encode
 
 
 def row_to_shard(row: dict, embed: bytes | None = None) -> dict:

@@ -147,3 +147,13 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_video(tmp_path_factory.mktemp("tiny_video") / "clip.mp4")
+
+
+# The mask stages' fixtures (tiny Grounding DINO, random SAM2, small corpora) live in their own
+# module; importing them here makes them visible to every test under tests/data_prep.
+from conftest_masks import (  # noqa: E402, F401
+    mask_corpus,
+    mask_corpus_stride4,
+    random_sam2,
+    tiny_grounding_dino_dir,
+)

@@ -40,7 +40,6 @@ from ttm_ray.dataset.sav_format import read_sav_annotation
 from ttm_ray.dataset.video import read_frames
 
 # The fixtures (tiny models, generated corpus) live in a plugin module beside this file.
-pytest_plugins = ["conftest_masks"]
 
 FRAMES = [0, 5, 10, 15, 20, 25]  # sampled source frames of the test clips (6 frames)
 

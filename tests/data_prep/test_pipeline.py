@@ -206,3 +206,52 @@ def test_preflight_stops_before_work(tmp_path: Path, corpus: Path) -> None:
     with pytest.raises(ConfigError, match=r"ground\.model_path"):
         run_prep(cfg, progress=False, track=False)
     assert not (tmp_path / "x").exists()  # nothing started, nothing written
+
+
+def test_grounding_and_sam2_in_actor_pools(ray_local, corpus: Path, tmp_path: Path,
+                                           tiny_clip_dir: Path,
+                                           tiny_grounding_dino_dir: Path) -> None:
+    """The sam2 mask source end to end: Grounding DINO and SAM2 load in their actor pools
+    from config (random weights: arbitrary boxes and masks) and every clip lands somewhere."""
+    cfg = prep_config(
+        corpus, tmp_path / "sam2", tiny_clip_dir,
+        source={"kind": "manifest", "path": str(corpus), "limit": 2},
+        mask_source="sam2",
+        ground={"model_path": str(tiny_grounding_dino_dir), "box_threshold": 0.0,
+                "text_threshold": 0.0, "device": "cpu"},
+        segment={"allow_random_weights": True, "image_size": 256, "device": "cpu"},
+        clip={"num_frames": 4, "fps": 4.0, "max_clips_per_video": 1},
+        resources={"ground": {"num_cpus": 0.25}, "segment": {"num_cpus": 0.25},
+                   "score": {"num_cpus": 0.25}},
+    )
+    summary = run_prep(cfg, progress=False, track=False)
+    assert summary["stages"]["ground"]["rows_in"] == summary["stages"]["segment"]["rows_in"] == 2
+    version = open_version(cfg.dataset_root)
+    kept = version.read("data").to_pylist()
+    rejects = version.read("rejects").to_pylist()
+    assert len(kept) + len(rejects) == 2
+    for r in rejects:  # random SAM2 weights usually score objects absent -> empty masks
+        assert r["reject_reason"] in {"segmentation_failed", "no_object_grounded"}, r
+        assert r["boxes"] or r["reject_reason"] == "no_object_grounded"
+    for c in kept:
+        assert c["mask_source"] == "sam2" and c["masks"]
+        assert all(len(m["rle"]) == 4 for m in c["masks"])
+
+
+def test_embedded_clip_bytes_decode_at_the_target_size(ray_local, corpus: Path, tmp_path: Path,
+                                                        tiny_clip_dir: Path) -> None:
+    cfg = prep_config(corpus, tmp_path / "embed", tiny_clip_dir,
+                      source={"kind": "manifest", "path": str(corpus), "limit": 2},
+                      clip={"num_frames": 8, "fps": 8.0,
+                            "resolutions": [{"name": "unet", "height": 48, "width": 64}]},
+                      publish={"embed_clip_bytes": True})
+    run_prep(cfg, progress=False, track=False)
+    rows = open_version(cfg.dataset_root).read("data").to_pylist()
+    assert rows
+    for r in rows:
+        path = tmp_path / f"{r['clip_id']}.mp4"
+        path.write_bytes(r["clip_bytes"])
+        import decord
+
+        frames = decord.VideoReader(str(path)).get_batch(list(range(8))).asnumpy()
+        assert frames.shape == (8, 48, 64, 3)
