@@ -12,6 +12,8 @@ and the writer splits them into the rejects table. So every input ends as clip r
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -132,6 +134,45 @@ def reject(row: dict, stage: str, reason: str, detail: str = "") -> dict:
     out = dict(row)
     out.update(status=REJECTED, reject_stage=stage, reject_reason=reason,
                reject_detail=str(detail)[:20_000])
+    return out
+
+
+def bug_reject(row: dict, stage: str, limit: int = 8) -> dict:
+    """Reject ``row`` as ``stage_error`` with the current exception's traceback."""
+    return reject(row, stage, "stage_error", traceback.format_exc(limit=limit))
+
+
+def map_rows(
+    rows: list[dict],
+    stage: str,
+    fn: Callable[[dict], dict | list[dict]],
+    expected: Mapping[type[BaseException], str] | None = None,
+    on_reject: Callable[[dict], dict] | None = None,
+) -> list[dict]:
+    """The per-row loop of a stage that handles one row at a time.
+
+    Rejected rows pass through untouched; ``fn`` returns a row or a list of rows (fan-out);
+    an exception of a type in ``expected`` rejects the row with the mapped reason and the
+    message; any other exception is a bug and rejects only that row as ``stage_error`` with
+    its traceback, so the rest of the batch goes on. ``on_reject`` can fill fields a reject
+    row needs (e.g. an id) before it is written.
+    """
+    fix = on_reject or (lambda r: r)
+    out: list[dict] = []
+    for row in rows:
+        if is_rejected(row):
+            out.append(row)
+            continue
+        try:
+            result = fn(row)
+        except Exception as exc:
+            reason = next((r for t, r in (expected or {}).items() if isinstance(exc, t)), None)
+            if reason is None:
+                out.append(bug_reject(fix(row), stage))
+            else:
+                out.append(reject(fix(row), stage, reason, str(exc)))
+            continue
+        out.extend(result if isinstance(result, list) else [result])
     return out
 
 

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import traceback
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import map_rows, reject
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import (
     InputNotReadable,
@@ -237,16 +236,7 @@ class ClipStage:
                 f"sampled at {rate:.3f} fps (about {need / rate:.2f}s)")
 
     def __call__(self, rows: list[dict]) -> list[dict]:
-        out: list[dict] = []
-        for row in rows:
-            if is_rejected(row):
-                out.append(row)
-                continue
-            try:
-                out.extend(self._clips(row))
-            except Exception:  # a bug: reject this video only, keep the rest of the batch
-                out.append(reject(row, STAGE, "stage_error", traceback.format_exc(limit=8)))
-        return out
+        return map_rows(rows, STAGE, self._clips)
 
 
 def decode_clip(row: dict, height: int, width: int, num_threads: int = 1) -> np.ndarray:

@@ -33,14 +33,13 @@ does not fit the video, no object left).
 from __future__ import annotations
 
 import json
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import map_rows, reject
 from data_prep.stages.ground import phrase
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import decode_mask, mask_areas
@@ -98,18 +97,7 @@ class GtMasksStage:
         self._cache: OrderedDict[str, SavAnnotation] = OrderedDict()
 
     def __call__(self, rows: list[dict]) -> list[dict]:
-        out = []
-        for row in rows:
-            if is_rejected(row):
-                out.append(row)
-                continue
-            try:
-                out.append(self._masks(row))
-            except _NoMasks as exc:
-                out.append(reject(row, STAGE, "no_gt_masks", str(exc)))
-            except Exception:  # a bug: reject this row only, keep the rest of the batch
-                out.append(reject(row, STAGE, "stage_error", traceback.format_exc(limit=8)))
-        return out
+        return map_rows(rows, STAGE, self._masks, expected={_NoMasks: "no_gt_masks"})
 
     def _annotation(self, uri: str) -> SavAnnotation:
         if uri in self._cache:

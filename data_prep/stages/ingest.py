@@ -10,11 +10,10 @@ so even its reject row has one.
 from __future__ import annotations
 
 import hashlib
-import traceback
 from dataclasses import dataclass
 from typing import Literal
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import map_rows, reject
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import open_input, stat
 
@@ -75,18 +74,12 @@ class IngestStage:
         return dict(row, video_id=video_id, src_bytes=size)
 
     def __call__(self, rows: list[dict]) -> list[dict]:
-        out = []
-        for row in rows:
-            if is_rejected(row):
-                out.append(row)
-                continue
-            try:
-                out.append(self._one(row))
-            except Exception:  # a bug: reject this row only, keep the rest of the batch
-                failed = dict(row, video_id=row.get("video_id") or uri_video_id(
-                    str(row.get("source_uri"))))
-                out.append(reject(failed, STAGE, "stage_error", traceback.format_exc(limit=8)))
-        return out
+        # A reject needs an id too: derive it from the URI when hashing never happened.
+        def with_id(row: dict) -> dict:
+            return dict(row, video_id=row.get("video_id") or uri_video_id(
+                str(row.get("source_uri"))))
+
+        return map_rows(rows, STAGE, self._one, on_reject=with_id)
 
 
 __all__ = ["IngestConfig", "IngestStage", "content_video_id", "stat_video_id", "uri_video_id"]

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import map_rows, reject
 from data_prep.stages.ground import resolve_device
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import Rle, encode_masks
@@ -311,16 +311,7 @@ class SegmentStage:
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
 
     def __call__(self, rows: list[dict]) -> list[dict]:
-        out = []
-        for row in rows:
-            if is_rejected(row):
-                out.append(row)
-                continue
-            try:
-                out.append(self._segment(row))
-            except Exception:  # a bug: reject this row only, keep the rest of the batch
-                out.append(reject(row, STAGE, "stage_error", traceback.format_exc(limit=8)))
-        return out
+        return map_rows(rows, STAGE, self._segment)
 
     def _segment(self, row: dict) -> dict:
         boxes = row.get("boxes")
