@@ -44,6 +44,15 @@ def rand(shape: Sequence[int], generator: torch.Generator | None, device: torch.
     return out.to(device)
 
 
+def randint(high: int, shape: Sequence[int], generator: torch.Generator | None,
+            device: torch.device | str) -> torch.Tensor:
+    """Uniform int64 draws in ``[0, high)`` with ``generator`` (on its device), on ``device``."""
+    device = torch.device(device)
+    out = torch.randint(0, high, tuple(shape), generator=generator,
+                        device=_generator_device(generator, device))
+    return out.to(device)
+
+
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``[B]`` -> ``[B, 1, 1, ...]`` so a per-sample scalar broadcasts against ``like``."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))

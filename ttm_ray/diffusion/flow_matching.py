@@ -63,6 +63,9 @@ class FlowMatchingConfig:
                     f"linear-quadratic schedule with num_steps={self.num_steps} and "
                     f"lq_linear_steps_fraction={self.lq_linear_steps_fraction:g} has {linear} "
                     "linear steps; it needs at least one linear and one quadratic step")
+            # Too few linear steps for the threshold make the quadratic part non-monotone:
+            # building the grid checks that (50 floats, cheap).
+            self.timesteps()
 
     def linear_steps(self, num_steps: int | None = None) -> int:
         n = self.num_steps if num_steps is None else num_steps
@@ -88,13 +91,16 @@ def linear_quadratic_schedule(num_steps: int, threshold_noise: float = 0.025,
     Same numbers as diffusers' Mochi ``linear_quadratic_schedule`` (pipeline_mochi.py), in our
     direction: Mochi returns ``num_steps`` noise levels ``sigma`` from 1 down (its scheduler
     appends the final 0); here ``t = 1 - sigma`` with the final ``t = 1`` included, so
-    ``1 - linear_quadratic_schedule(n)[:-1]`` equals Mochi's list.
+    ``1 - linear_quadratic_schedule(n)[:-1]`` equals Mochi's list. (Mochi's scheduler config
+    sets ``invert_sigmas=True``, which turns that list back into these t values: its Euler loop
+    is this module's, see tests/diffusion/test_flow_matching.py.)
 
     The first ``linear_steps`` steps (default ``num_steps // 2``) move t linearly from 0 to
     exactly ``threshold_noise`` (the noisiest 2.5% of the path gets half the steps: that is
     where the coarse layout, i.e. the motion, is decided); the remaining steps follow a
     quadratic from ``threshold_noise`` to 1 whose slope at the junction equals the linear
-    part's, so step sizes grow smoothly.
+    part's step, so step sizes grow smoothly (by a constant amount per step; the first
+    quadratic step is that slope plus half the growth).
     """
     if linear_steps is None:
         linear_steps = num_steps // 2
