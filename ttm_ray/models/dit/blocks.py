@@ -4,11 +4,16 @@ cross-attention, plus the stage-2 masked layers in the first K blocks.
 One block, in order (``x`` is the token stream ``[B, N, D]``)::
 
     x = x + pos                                        # factorized t/h/w, added at EVERY block
-    x = x + g1 * SelfAttn(modulate(norm(x), s1, b1))   # full bidirectional, SDPA
-    x = x + MaskedSelfAttn(norm(x), token_ids)          # first K blocks, stage 2 only
-    x = x + CrossAttn(norm(x), text)                    # global prompt
-    x = x + MaskedCrossAttn(norm(x), local_text)        # first K blocks, stage 2 only
-    x = x + g2 * SwiGLU(modulate(norm(x), s2, b2))
+    x = x + g1 * SelfAttn(modulate(norm(x), b1, s1))   # full bidirectional, SDPA
+    x = x + MaskedSelfAttn(norm(x), token_ids)         # first K blocks, stage 2 only
+    x = x + CrossAttn(norm(x), text)                   # global prompt
+    x = x + MaskedCrossAttn(norm(x), local_text)       # first K blocks, stage 2 only
+    x = x + g2 * SwiGLU(modulate(norm(x), b2, s2))
+
+(``b`` shift, ``s`` scale, ``g`` gate: adaLN from the timestep.) The masked self-attention
+needs only ``token_ids`` (which object each token shows); the masked cross-attention also
+needs the local prompts. Either is skipped when its inputs are absent, which equals its
+zero-initialised start.
 
 The added layers sit *beside* the normal ones (each with its own residual), matching the
 paper's list "full self-attn, masked self-attn, global cross-attn, masked cross-attn"; their
@@ -118,10 +123,13 @@ class DiTBlock(nn.Module):
             self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.masked = masked
         if masked:
+            kw = {"qk_norm": cfg.qk_norm, "eps": eps, "backend": cfg.masked_attention_backend}
             self.masked_self_norm = nn.RMSNorm(d, eps=eps)
-            self.masked_self_attn = MaskedAttention(d, cfg.heads, mode="self")
+            self.masked_self_attn = MaskedAttention(d, cfg.heads, mode="self", **kw)
             self.masked_cross_norm = nn.RMSNorm(d, eps=eps)
-            self.masked_cross_attn = MaskedAttention(d, cfg.heads, context_dim=d, mode="cross")
+            # Context = local prompts after the model's shared text projection (width D).
+            self.masked_cross_attn = MaskedAttention(d, cfg.heads, mode="cross", context_dim=d,
+                                                     **kw)
         self.checkpointing = cfg.activation_checkpointing
 
     def forward(
@@ -138,7 +146,8 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         """``x [B, N, D]``, ``pos [N, D]``, ``temb [B, D]``, ``shared_mod [B, 6D]`` (adaLN-single),
         ``text [B, L, D]`` (projected); ``token_ids [B, N]``, ``local_text [B, M, D]``,
-        ``local_ids [B, M]`` drive the masked layers (skipped when ``token_ids`` is None)."""
+        ``local_ids [B, M]`` drive the masked layers: masked self-attention runs when
+        ``token_ids`` is given, masked cross-attention when ``local_text`` is given too."""
         if self.modulation_table is not None:
             assert shared_mod is not None
             mod = shared_mod.unflatten(-1, (6, -1)) + self.modulation_table
@@ -154,6 +163,7 @@ class DiTBlock(nn.Module):
             x = x + self.masked_self_attn(self.masked_self_norm(x), token_ids)
         x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
         if use_masked and local_text is not None:
+            assert local_ids is not None, "local_text without local_text_ids"
             x = x + self.masked_cross_attn(self.masked_cross_norm(x), token_ids, local_text,
                                            local_ids)
         return x + gate_f[:, None] * self.ffn(modulate(self.norm_ffn(x), shift_f, scale_f))

@@ -4,14 +4,21 @@ Sizes are entries of :data:`DIT_SIZES` (``dit-4b`` for the paper, ``dit-tiny`` f
 smoke runs), never if-chains; a run picks one by name and may override single fields through
 ``ModelConfig.overrides``.
 
-Parameter budget of ``dit-4b`` (counted on the meta device by ``tests/models/test_dit.py``;
-``ttm-ray plan model`` prints it). Per block, with ``D = dim`` and ``F = ffn_hidden``: full
-self-attention ``4 D^2``, cross-attention to the (already projected) text ``4 D^2``, SwiGLU
-``3 D F``; everything else (norms, adaLN tables, embeddings) is small. The brief's example
-width (3072, SwiGLU 8192) would give ~6.0B over 40 blocks once cross-attention is counted, so
-``dit-4b`` is 2560 wide (20 heads x 128) with SwiGLU hidden 6656 (2.6x, a multiple of 256):
-4,060,094,976 parameters without the masked layers (stage 1), 4,584,508,416 with the 10 masked
-blocks of stage 2 (each adds a masked self- and a masked cross-attention, ``8 D^2``).
+Parameter budget of ``dit-4b`` (counted on the meta device by ``tests/models/test_dit.py``,
+which also checks the two totals below; ``count_parameters`` gives the breakdown). With
+``D = dim``, ``F = ffn_hidden`` and ``d = head_dim``, one block holds full self-attention
+``4 D^2 + 2d`` (fused qkv, out, q/k RMSNorm), cross-attention to the already projected text
+``4 D^2 + 2d + D`` (with its RMSNorm), SwiGLU ``3 D F`` and its adaLN-single table ``6 D``;
+the rest (patchify, factorized positions, timestep MLP with the shared ``D -> 6D`` modulation,
+text projection, final layer) is ~64M. At that width the Llama 8/3 SwiGLU ratio (hidden
+6912) would give 4.29B, outside the 4.0B +/- 5% band (and a 3072 width ~6B), so ``dit-4b`` is
+2560 wide (20 heads x 128) with SwiGLU hidden 6144 (2.4 D, a multiple of 256):
+
+* stage 1 (the base MovieGen-style model, i.e. the text-to-video initialisation):
+  **4,049,717,824** parameters;
+* stage 2 adds, in each of the first K = 10 blocks, a masked self- and a masked
+  cross-attention (each ``4 D^2 + 2d``) with their RMSNorms (``2 D``): 52,434,432 per block,
+  **4,574,062,144** in total.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class DiTConfig:
         10, ge=0, help="K: the first K blocks get the added masked self/cross layers (stage 2)"
     )
     qk_norm: bool = constrained(True, help="RMSNorm on queries and keys (MovieGen)")
+    masked_attention_backend: Literal["auto", "sdpa", "flex", "grouped"] = constrained(
+        "auto", help="kernel of the masked layers (conditioning.masked_attention): auto = "
+                     "flex on CUDA, sdpa elsewhere"
+    )
     adaln: Literal["single", "per_block"] = constrained(
         "single",
         help="single: one shared t -> 6D projection plus a learnable per-block offset "
@@ -101,10 +112,10 @@ class DiTConfig:
 
 
 #: The named sizes. ``dit-4b``: the paper's DiT (see the module docstring for the count);
-#: ``dit-tiny``: a few hundred thousand parameters, for tests and CPU smoke runs.
+#: ``dit-tiny``: ~1.1M parameters (1.4M in stage 2), for tests and CPU smoke runs.
 DIT_SIZES: dict[str, DiTConfig] = {
     "dit-4b": DiTConfig(
-        dim=2560, depth=40, heads=20, ffn_hidden=6656, text_dim=4096,
+        dim=2560, depth=40, heads=20, ffn_hidden=6144, text_dim=4096,
         max_t_tokens=16, max_h_tokens=16, max_w_tokens=16, masked_blocks=10,
     ),
     "dit-tiny": DiTConfig(

@@ -1,0 +1,268 @@
+"""Masked attention: every backend against the float64 definition, and the added layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttm_ray.conditioning.masked_attention import (
+    MaskedAttention,
+    allowed_mask,
+    choose_backend,
+    flex_available,
+    masked_attention,
+    masked_attention_reference,
+)
+
+CPU_BACKENDS = ["sdpa", "grouped"]
+
+
+def make_ids(gen: torch.Generator, b: int, n: int, objects: int) -> torch.Tensor:
+    """Per-sample random layouts over ids -1..objects-1; sample 1 is background only."""
+    ids = torch.randint(-1, objects, (b, n), generator=gen)
+    if b > 1:
+        ids[1] = -1
+    return ids
+
+
+def make_case(seed: int, mode: str, objects: int, *, b: int = 3, heads: int = 2, n: int = 24,
+              m: int = 10, d: int = 8, dtype: torch.dtype = torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q_ids = make_ids(gen, b, n, objects)
+    if mode == "self":
+        k_len, kv_ids = n, q_ids
+    else:
+        # Local text: ids 0..objects (id `objects` has no token in the video: an empty object),
+        # -1 padding, and object 0's text is missing in sample 0 (those tokens get 0).
+        k_len = m
+        kv_ids = torch.randint(-1, objects + 1, (b, m), generator=gen)
+        kv_ids[0][kv_ids[0] == 0] = -1
+    # An id present among queries only (an object without text / an empty group).
+    q_ids[0, 0] = objects + 5
+    if mode == "self":
+        kv_ids = q_ids
+    q = torch.randn(b, heads, n, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, heads, k_len, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, heads, k_len, d, generator=gen, dtype=dtype)
+    return q, k, v, q_ids, kv_ids
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["self", "cross"])
+@pytest.mark.parametrize("objects", [1, 2, 3, 4])
+def test_forward_matches_reference(backend: str, mode: str, objects: int) -> None:
+    q, k, v, q_ids, kv_ids = make_case(objects, mode, objects)
+    ref = masked_attention_reference(q, k, v, q_ids, kv_ids, mode=mode)
+    out = masked_attention(q, k, v, q_ids, kv_ids, mode=mode, backend=backend)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_gradients_match_reference_float64(backend: str, mode: str) -> None:
+    q, k, v, q_ids, kv_ids = make_case(7, mode, 3, dtype=torch.float64)
+    upstream = torch.randn((*q.shape[:3], v.shape[-1]), dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (masked_attention_reference, masked_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        kwargs = {} if fn is masked_attention_reference else {"backend": backend}
+        out = fn(*leaves, q_ids, kv_ids, mode=mode, **kwargs)
+        (out * upstream).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ref, got in zip(*grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_self_with_separate_key_ids_and_missing_groups(backend: str) -> None:
+    """Self mode over a different key set (not the same tensor): a query whose group has no
+    key, background included, gets 0 like in cross mode."""
+    q, k, v, q_ids, _ = make_case(8, "self", 3, dtype=torch.float64)
+    kv_ids = q_ids.clone()
+    kv_ids[kv_ids == 1] = 2   # group 1 loses its keys
+    kv_ids[2][kv_ids[2] == -1] = 0  # sample 2: background loses its keys
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = masked_attention(*leaves, q_ids, kv_ids, mode="self", backend=backend)
+    ref = masked_attention_reference(q, k, v, q_ids, kv_ids, mode="self")
+    torch.testing.assert_close(out, ref)
+    assert (out.transpose(1, 2)[q_ids == 1] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_cross_with_empty_rows(backend: str) -> None:
+    q, k, v, q_ids, kv_ids = make_case(3, "cross", 2, b=2, n=6, m=5, d=3, dtype=torch.float64)
+    leaves = tuple(t.requires_grad_(True) for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b_, c: masked_attention(a, b_, c, q_ids, kv_ids, mode="cross",
+                                          backend=backend), leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_object_tokens_get_exact_zero_in_cross(backend: str) -> None:
+    q, k, v, q_ids, kv_ids = make_case(11, "cross", 2)
+    q.requires_grad_(True)
+    out = masked_attention(q, k, v, q_ids, kv_ids, mode="cross", backend=backend)
+    empty = ~allowed_mask(q_ids, kv_ids, "cross").any(-1)  # [B, N]
+    assert empty[0, 0] and empty[1].all()  # the text-less id, the background sample
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert (q.grad.transpose(1, 2)[empty] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_self_attention_isolates_objects(backend: str) -> None:
+    """Changing object 1's values leaves every other token's output untouched, and
+    background attends within background (it is a group, not 'nothing')."""
+    q, k, v, q_ids, _ = make_case(5, "self", 3)
+    out = masked_attention(q, k, v, q_ids, q_ids, mode="self", backend=backend)
+    v2 = v.clone()
+    v2[(q_ids == 1)[:, None, :, None].expand_as(v2)] += 10.0
+    out2 = masked_attention(q, k, v2, q_ids, q_ids, mode="self", backend=backend)
+    other = (q_ids != 1)[:, None, :, None].expand_as(out)
+    assert torch.equal(out[other], out2[other])
+    assert not torch.allclose(out[~other], out2[~other])
+    assert out[1].abs().sum() > 0  # background-only sample: non-zero self-attention
+
+
+def test_single_group_equals_unmasked_attention() -> None:
+    q, k, v, _, _ = make_case(2, "self", 1)
+    ids = torch.zeros(q.shape[0], q.shape[2], dtype=torch.long)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for backend in CPU_BACKENDS:
+        torch.testing.assert_close(
+            masked_attention(q, k, v, ids, ids, mode="self", backend=backend), plain)
+
+
+def test_auto_and_flex_availability_on_cpu() -> None:
+    q, k, v, q_ids, kv_ids = make_case(0, "self", 2)
+    assert choose_backend(q, k, "self") == "sdpa"
+    big = torch.empty(1, 1, 4096, 1)
+    assert choose_backend(big, big, "self") == "grouped"  # large CPU self-attention
+    assert choose_backend(big, big[:, :, :64], "cross") == "sdpa"
+    torch.testing.assert_close(
+        masked_attention(q, k, v, q_ids, kv_ids, mode="self"),
+        masked_attention(q, k, v, q_ids, kv_ids, mode="self", backend="sdpa"))
+    assert not flex_available("cpu", requires_grad=True)
+    with pytest.raises(RuntimeError, match="no FlexAttention backward on CPU"):
+        masked_attention(q.requires_grad_(True), k, v, q_ids, kv_ids, mode="self",
+                         backend="flex")
+
+
+def test_rejects_bad_arguments() -> None:
+    q, k, v, q_ids, kv_ids = make_case(0, "self", 2)
+    with pytest.raises(ValueError, match="mode"):
+        masked_attention(q, k, v, q_ids, kv_ids, mode="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        masked_attention(q, k, v, q_ids, kv_ids, mode="self", backend="dense")  # type: ignore
+    with pytest.raises(ValueError, match="q_ids"):
+        masked_attention(q, k, v, q_ids[:, :-1], kv_ids, mode="self")
+    with pytest.raises(ValueError, match="integer"):
+        masked_attention(q, k, v, q_ids.float(), kv_ids, mode="self")
+
+
+@pytest.mark.slow
+def test_flex_forward_on_cpu_matches_reference() -> None:
+    """CPU flex: forward only (compiles once, ~1 min on 2 cores)."""
+    for mode in ("self", "cross"):
+        q, k, v, q_ids, kv_ids = make_case(4, mode, 3, n=128, m=128, d=16)
+        with torch.no_grad():
+            out = masked_attention(q, k, v, q_ids, kv_ids, mode=mode, backend="flex")
+        ref = masked_attention_reference(q, k, v, q_ids, kv_ids, mode=mode)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "grouped"])
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_cuda_backends_forward_backward(backend: str, mode: str) -> None:
+    q, k, v, q_ids, kv_ids = make_case(9, mode, 3, n=256, m=64, d=64)
+    q, k, v, q_ids, kv_ids = (t.cuda() for t in (q, k, v, q_ids, kv_ids))
+    upstream = torch.randn(q.shape, device="cuda")
+    results = []
+    for fn in (masked_attention_reference, masked_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        kwargs = {} if fn is masked_attention_reference else {"backend": backend}
+        out = fn(*leaves, q_ids, kv_ids, mode=mode, **kwargs)
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for ref, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+
+
+# --- the module --------------------------------------------------------------------------
+
+
+def module_inputs(seed: int = 0, b: int = 2, n: int = 12, m: int = 7, dim: int = 32,
+                  context_dim: int = 24):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, dim, generator=gen)
+    ids = torch.randint(-1, 3, (b, n), generator=gen)
+    ctx = torch.randn(b, m, context_dim, generator=gen)
+    ctx_ids = torch.randint(-1, 3, (b, m), generator=gen)
+    return x, ids, ctx, ctx_ids
+
+
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_module_zero_at_init_then_gradients_reach_qkv(mode: str) -> None:
+    torch.manual_seed(0)
+    x, ids, ctx, ctx_ids = module_inputs()
+    layer = MaskedAttention(32, 4, mode=mode, context_dim=24 if mode == "cross" else None)
+    args = (x, ids) if mode == "self" else (x, ids, ctx, ctx_ids)
+    out = layer(*args)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()  # zero output projection: nothing upstream learns yet
+    assert layer.to_out.weight.grad.abs().sum() > 0
+    assert layer.to_q.weight.grad.abs().sum() == 0
+    layer.zero_grad()
+    with torch.no_grad():
+        layer.to_out.weight.normal_()
+    (layer(*args) * upstream).sum().backward()
+    for lin in (layer.to_q, layer.to_k, layer.to_v, layer.to_out):
+        assert lin.weight.grad.abs().sum() > 0
+    assert layer.norm_q.weight.grad.abs().sum() > 0
+
+
+def test_module_matches_reference_composition_and_counts_parameters() -> None:
+    torch.manual_seed(1)
+    x, ids, ctx, ctx_ids = module_inputs()
+    layer = MaskedAttention(32, 4, mode="cross", context_dim=24, qk_norm=False)
+    with torch.no_grad():
+        layer.to_out.weight.normal_()
+        heads = lambda t: t.view(t.shape[0], t.shape[1], 4, 8).transpose(1, 2)  # noqa: E731
+        ref = masked_attention_reference(heads(layer.to_q(x)), heads(layer.to_k(ctx)),
+                                         heads(layer.to_v(ctx)), ids, ctx_ids, mode="cross")
+        ref = layer.to_out(ref.transpose(1, 2).reshape(2, 12, 32))
+        torch.testing.assert_close(layer(x, ids, ctx, ctx_ids), ref, atol=1e-5, rtol=1e-5)
+        # A token with no object gets exactly zero from the masked cross layer.
+        assert (layer(x, ids, ctx, ctx_ids)[ids < 0] == 0).all()
+    d, hd = 2560, 128  # dit-4b: 4 D^2 + 2 d per added layer (see models/dit/config.py)
+    with torch.device("meta"):
+        for mode in ("self", "cross"):
+            kw = {"context_dim": d} if mode == "cross" else {}
+            n = sum(p.numel() for p in MaskedAttention(d, 20, mode=mode, **kw).parameters())
+            assert n == 4 * d * d + 2 * hd
+
+
+def test_module_accepts_grid_ids_and_rejects_misuse() -> None:
+    x, ids, ctx, ctx_ids = module_inputs(n=8)
+    layer = MaskedAttention(32, 4, mode="self")
+    with torch.no_grad():
+        layer.to_out.weight.normal_()
+        torch.testing.assert_close(layer(x, ids.view(2, 2, 2, 2)), layer(x, ids))
+    with pytest.raises(ValueError, match="no context"):
+        layer(x, ids, ctx, ctx_ids)
+    with pytest.raises(ValueError, match="tokens per sample"):
+        layer(x, ids[:, :4])
+    cross = MaskedAttention(32, 4, mode="cross", context_dim=24)
+    with pytest.raises(ValueError, match="needs context"):
+        cross(x, ids)
+    with pytest.raises(ValueError, match="divisible"):
+        MaskedAttention(30, 4, mode="self")

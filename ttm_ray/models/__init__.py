@@ -1,0 +1,24 @@
+"""TTM denoisers: the DiT and U-Net families behind one ``build_model(ModelConfig)``.
+
+Plain PyTorch (no Ray, DeepSpeed or MLflow). See :mod:`ttm_ray.models.registry`.
+"""
+
+from ttm_ray.models.config import ModelConfig
+from ttm_ray.models.registry import (
+    Family,
+    build_model,
+    count_parameters,
+    get_family,
+    load_weights,
+    resolve_family_config,
+)
+
+__all__ = [
+    "Family",
+    "ModelConfig",
+    "build_model",
+    "count_parameters",
+    "get_family",
+    "load_weights",
+    "resolve_family_config",
+]
