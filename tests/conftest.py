@@ -15,6 +15,20 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow must never fall back to ./mlruns from a test: every test passes its own store.
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / '.cache' / 'test-mlflow.db'}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on 2 shared cores run up to 100x slower with 2 OpenMP threads than with 1
+    (measured): the test process uses one; Ray workers are separate processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cuda_available() -> bool:

@@ -143,6 +143,8 @@ def test_single_group_equals_unmasked_attention() -> None:
 def test_auto_and_flex_availability_on_cpu() -> None:
     q, k, v, q_ids, kv_ids = make_case(0, "self", 2)
     assert choose_backend(q, k, "self") == "sdpa"
+    assert choose_backend(torch.empty(1, 1, 1024, 1), torch.empty(1, 1, 1024, 1),
+                          "self") == "sdpa"  # small: no host-side grouping
     big = torch.empty(1, 1, 4096, 1)
     assert choose_backend(big, big, "self") == "grouped"  # large CPU self-attention
     assert choose_backend(big, big[:, :, :64], "cross") == "sdpa"

@@ -55,3 +55,16 @@ def test_measured_flops_on_meta_count_without_memory() -> None:
     real = measured_forward_flops(cfg, text_tokens=5, local_tokens=0, device="cpu")
     assert meta.total == real.total > 0
     assert meta.method == "flop_counter(meta)"
+
+
+def test_plan_model_cli_reports_parameters_and_flops(capsys) -> None:
+    import json
+
+    from jobs.plan import main
+
+    assert main(["model", "--config", "jobs/configs/train/dit_stage2_tiny.yaml"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded" and summary["stage"] == 2
+    assert summary["parameters"] > 0 and summary["forward_flops"] > 0
+    assert "masked_layers" in out

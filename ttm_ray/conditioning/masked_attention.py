@@ -12,15 +12,17 @@ The paper's stage-2 layers compute ``h = softmax(q k^T / sqrt(d) + log M) v`` wi
 20 heads) an fp32 ``[B, heads, N, N]`` bias is 1.34 GB per sample. The backends take the ids:
 
 * ``"sdpa"``: one boolean ``[B, 1, N, M]`` mask (1 byte per pair, shared by all heads) through
-  :func:`torch.nn.functional.scaled_dot_product_attention`. Rows with no allowed key are made
+  :func:`torch.nn.functional.scaled_dot_product_attention` (which turns it into one additive
+  ``[B, 1, N, M]`` bias of q's dtype, broadcast over heads). Rows with no allowed key are made
   finite (allowed everywhere) and their output is multiplied by zero afterwards.
 * ``"flex"``: :func:`torch.nn.attention.flex_attention.flex_attention` (compiled) with a block
   mask built from the ids, so fully masked blocks are skipped and nothing ``N x M`` is stored.
   Used on CUDA; torch 2.14 on CPU has no FlexAttention backward, so on CPU it only serves
   inference (``auto`` never picks it there).
 * ``"grouped"``: gathers each object's queries and keys and attends within the group (one
-  unmasked SDPA per (sample, id)): cost ``sum_g n_g m_g`` instead of ``N M``, no mask at all.
-  It reads the ids on the host (a sync), so it does not trace under ``torch.compile``.
+  unmasked SDPA per (sample, id)): cost ``sum_g n_g m_g`` instead of ``N M``, no mask at all,
+  but id-sorted copies of q, k and v. It reads the ids on the host (a sync per sample), so it
+  breaks a ``torch.compile`` graph; on a CPU it is the fastest at large token counts.
 
 ``"auto"`` (:func:`choose_backend`) picks flex on CUDA; on a CPU grouped for large
 self-attention and sdpa otherwise (``benchmarks/results/masked_attention_cpu.md`` has the
@@ -184,9 +186,12 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ids: torch.Tensor
     return flex(q, k, v, block_mask=block_mask, scale=scale)
 
 
-#: CPU self-attention at least this many (query, key) pairs per sample goes to ``grouped``:
-#: measured on 2 cores, grouped is ~3.5x faster than unmasked SDPA at 4,096 tokens and slower
-#: at 1,024 (``benchmarks/results/masked_attention_cpu.md``); 2,048^2 sits between the two.
+#: CPU self-attention with at least this many (query, key) pairs per sample goes to ``grouped``
+#: (``benchmarks/results/masked_attention_cpu.md``, a busy 2-core machine): at 4,096 tokens
+#: (dit-4b heads) grouped ran forward 0.3-0.5x and forward+backward 0.3-0.4x the time of
+#: *unmasked* SDPA, where the sdpa backend is at or above it; at 1,024 tokens grouped won with
+#: one thread (0.7x / 0.3x) but mostly lost with two (many small per-group kernels), so the
+#: switch sits between the two sizes.
 GROUPED_MIN_PAIRS_CPU = 2048 * 2048
 
 
@@ -221,8 +226,9 @@ def masked_attention(
         backend = choose_backend(q, k, mode)
     if backend not in _IMPLS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    same = kv_ids is q_ids  # self-attention over the same tokens: no row can be empty
     q_ids = q_ids.to(device=q.device, dtype=torch.long)
-    kv_ids = kv_ids.to(device=q.device, dtype=torch.long)
+    kv_ids = q_ids if same else kv_ids.to(device=q.device, dtype=torch.long)
     return _IMPLS[backend](q, k, v, q_ids, kv_ids, mode, scale)
 
 

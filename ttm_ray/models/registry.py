@@ -70,7 +70,8 @@ def resolve_family_config(cfg: ModelConfig) -> Any:
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
     """Build the denoiser of ``cfg`` (family, size, stage, overrides) and load ``init_from``.
 
-    ``device="meta"`` builds without allocating (parameter counts of the paper sizes). Weights
+    ``device="meta"`` builds without allocating (parameter counts of the paper sizes) and
+    skips ``init_from``. Weights
     in ``init_from`` are a safetensors file or a directory holding ``model.safetensors`` (what
     training exports); missing keys are allowed only for the stage-2 additions, so a stage-2
     model can start from a stage-1 / text-to-video checkpoint.
@@ -82,7 +83,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
             model = family.build(family_cfg)
     else:
         model = family.build(family_cfg)
-    if cfg.init_from:
+    # On the meta device there is nothing to load into (reports and plans count shapes).
+    if cfg.init_from and str(device) != "meta":
         load_weights(model, cfg.init_from)
     return model
 
