@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jobs.synth", "generate the quickstart corpus (mp4s, SA-V masks, manifest)"),
     "config": ("jobs.config", "show or validate a job config (`config show|validate FILE`)"),
     "prep": ("jobs.build_dataset", "build a dataset with the Ray Data curation pipeline"),
+    "train": ("jobs.train", "train a TTM model on Ray Train + DeepSpeed ZeRO"),
+    "plan": ("jobs.plan", "capacity plans: `plan model|train --config FILE`"),
+    "cluster": ("jobs.cluster", "cluster YAMLs and manifests: `cluster validate`"),
 }
 
 

@@ -21,6 +21,7 @@ from ttm_ray.config.schema import field_help
 KINDS: dict[str, str] = {
     "synth": "data_prep.config:SynthConfig",
     "prep": "data_prep.config:PrepConfig",
+    "train": "ttm_ray.training.config:TrainConfig",
 }
 
 

@@ -42,13 +42,47 @@ def code_version() -> str:
             return "unknown"
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a ``sqlite:///`` store
+    (``<db folder>/mlartifacts``), else the server's / store's own default (None).
+
+    Without this MLflow puts the artifacts of a sqlite store under ``./mlruns`` of whatever
+    the working directory happens to be (a repo checkout, a Ray worker's session folder).
+    """
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db = Path(tracking_uri[len(prefix):])
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name`` in the store, created (artifacts beside a sqlite store)
+    when missing. Safe when two jobs race to create it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    except MlflowException:  # another job created it between our two calls
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def start_mlflow_run(tracking_uri: str, experiment: str, run_name: str,
                      tags: dict[str, str] | None = None):
     """Point MLflow at ``tracking_uri`` and start a run (the caller ends it)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.start_run(run_name=run_name, tags=tags or {})
 
 

@@ -1,0 +1,256 @@
+"""One dataset row -> one training clip on the CPU: frames, trajectory video, prompts, token ids.
+
+The CPU half of the training data (the GPU half, encoding, is in :mod:`ttm_ray.training.data`).
+Everything here is deterministic (no random draw), so clips can be prepared ahead on worker
+threads without changing what a step sees.
+
+Pixels follow the shared rules: frames come from ``clip_bytes`` when the row embeds them (the
+clip already resized / centre-cropped by data prep) and from ``source_uri`` at
+``frame_indices`` otherwise, both through :func:`~ttm_ray.dataset.video.resize_center_crop`;
+masks go through :func:`~ttm_ray.conditioning.trajectory.masks_from_rle` with the same target
+size, so trajectory pixels line up with frame pixels.
+
+Rows are read lazily from the version's Parquet files by row group (a small LRU cache), so a
+worker never holds the masks of a million clips in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ttm_ray.conditioning.masks import token_object_ids
+from ttm_ray.conditioning.trajectory import masks_from_rle, render_trajectory
+from ttm_ray.dataset.versions import DatasetVersion
+from ttm_ray.dataset.video import VideoReadError, read_frames, resize_center_crop
+
+#: Columns training reads (everything else in the shard schema stays on disk).
+COLUMNS = ("clip_id", "source_uri", "frame_indices", "num_frames", "src_height", "src_width",
+           "caption", "c_motion", "c_local", "masks", "clip_bytes")
+
+
+class BadClipError(ValueError):
+    """A row that cannot become a training sample; the message starts with its clip_id."""
+
+    def __init__(self, clip_id: str, reason: str) -> None:
+        self.clip_id, self.reason = clip_id, reason
+        super().__init__(f"clip {clip_id!r}: {reason}")
+
+
+# ----------------------------------------------------------------------------- reading rows
+class RowReader:
+    """Random access to the rows of a dataset version's ``data`` table.
+
+    Only ``clip_id`` is read up front (to count rows and find a clip by id); other columns are
+    read one row group at a time on demand and the last ``cache_groups`` groups are kept, so
+    memory stays bounded by the row-group size, not the dataset size. Thread-safe.
+    """
+
+    def __init__(self, version: DatasetVersion, columns: Sequence[str] = COLUMNS,
+                 cache_groups: int = 4) -> None:
+        self.version = version
+        self.columns = list(columns)
+        files = version.files("data")
+        if not files:
+            raise ValueError(f"{version.path}: dataset version has no data files")
+        self._files = [pq.ParquetFile(f) for f in files]
+        missing = sorted(set(self.columns) - set(self._files[0].schema_arrow.names))
+        if missing:
+            raise ValueError(f"{version.path}: data table lacks columns {missing}")
+        # (file, row group, first global row) per row group, in order.
+        self._groups: list[tuple[int, int, int]] = []
+        start = 0
+        for fi, f in enumerate(self._files):
+            for gi in range(f.metadata.num_row_groups):
+                self._groups.append((fi, gi, start))
+                start += f.metadata.row_group(gi).num_rows
+        self.num_rows = start
+        self._starts = np.asarray([g[2] for g in self._groups], dtype=np.int64)
+        self.clip_ids: list[str] = pa.concat_tables(
+            f.read(columns=["clip_id"]) for f in self._files).column("clip_id").to_pylist()
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cache_groups = max(1, cache_groups)
+        self._lock = threading.Lock()
+
+    def _group(self, index: int) -> pa.Table:
+        fi, gi, _ = self._groups[index]
+        table = self._cache.get(index)
+        if table is None:
+            table = self._files[fi].read_row_group(gi, columns=self.columns)
+            self._cache[index] = table
+            while len(self._cache) > self._cache_groups:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(index)
+        return table
+
+    def row(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_rows:
+            raise IndexError(f"row {index} outside 0..{self.num_rows - 1}")
+        g = int(np.searchsorted(self._starts, index, side="right") - 1)
+        with self._lock:
+            table = self._group(g)
+        return table.slice(index - int(self._starts[g]), 1).to_pylist()[0]
+
+    def rows(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self.row(int(i)) for i in indices]
+
+
+# ----------------------------------------------------------------------------- one clip
+@dataclass(frozen=True)
+class ClipSpec:
+    """What a training clip must look like (fixed per run).
+
+    ``frames``/``height``/``width``: pixel size. ``time_factor``/``causal``: the autoencoder's
+    temporal compression, to align pixel frames with latent frames for the token ids.
+    ``token_grid``: the model's token grid ``(t, h, w)`` (stage 2 only).
+    """
+
+    stage: int
+    frames: int
+    height: int
+    width: int
+    time_factor: int = 1
+    causal: bool = False
+    token_grid: tuple[int, int, int] | None = None
+    mask_rule: str = "area"
+    mask_threshold: float = 0.5
+    allow_empty_prompt: bool = False  # text_encoder.empty_prompt: null encodes it as ""
+
+
+@dataclass
+class Clip:
+    """One prepared clip (CPU, uint8 pixels), ready for the encoders."""
+
+    clip_id: str
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    trajectory: np.ndarray  # uint8 [T, H, W, 3]
+    prompt: str  # stage 1: c_motion; stage 2: caption
+    caption: str
+    c_motion: str
+    local_prompts: list[str]
+    local_ids: list[int]  # colour index of each local prompt (= the object's token id)
+    token_ids: np.ndarray | None  # int64 [t, h, w] on the model's token grid (stage 2)
+
+
+def decode_clip_bytes(data: bytes, clip_id: str) -> np.ndarray:
+    """The embedded mp4 -> ``uint8 [T, H, W, 3]``, decoded from memory."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        frames = reader.get_batch(list(range(len(reader))))
+        return frames.asnumpy() if hasattr(frames, "asnumpy") else np.asarray(frames)
+    except Exception as exc:  # decord raises its own error types
+        raise BadClipError(clip_id, f"clip_bytes do not decode: {exc}") from exc
+
+
+def clip_frames(row: dict[str, Any], frames: int, height: int, width: int) -> np.ndarray:
+    """The first ``frames`` frames of the clip at ``height x width``, ``uint8 [T, H, W, 3]``.
+
+    Embedded ``clip_bytes`` are used when they have the target's aspect ratio (resampled if
+    their size differs: same centre crop); otherwise, or without them, the source video is
+    read at ``frame_indices``.
+    """
+    clip_id = row["clip_id"]
+    data = row.get("clip_bytes")
+    if data:
+        video = decode_clip_bytes(data, clip_id)
+        h, w = video.shape[1:3]
+        if h * width == w * height:  # same aspect: a resize of the embedded crop is exact
+            if len(video) < frames:
+                raise BadClipError(clip_id, f"clip_bytes hold {len(video)} frames, training "
+                                            f"needs {frames}")
+            return resize_center_crop(video[:frames], height, width)
+    try:
+        video = read_frames(row["source_uri"], list(row["frame_indices"])[:frames])
+    except VideoReadError as exc:
+        raise BadClipError(clip_id, f"cannot read frames: {exc}") from exc
+    return resize_center_crop(video, height, width)
+
+
+def _check_row(row: dict[str, Any], spec: ClipSpec) -> None:
+    clip_id = row["clip_id"]
+    text_field = "c_motion" if spec.stage == 1 else "caption"
+    if not spec.allow_empty_prompt and not (row.get(text_field) or "").strip():
+        raise BadClipError(clip_id, f"empty {text_field} (stage {spec.stage} conditions on it)")
+    objects = row.get("masks") or []
+    if not objects:
+        raise BadClipError(clip_id, "no object masks: both stages need the trajectory "
+                                    "(data prep should have rejected this row)")
+    available = min([len(row.get("frame_indices") or [])] + [len(o["rle"]) for o in objects])
+    if available < spec.frames:
+        raise BadClipError(clip_id, f"{available} frames, training needs {spec.frames} "
+                                    "(data.frames / the model's latent frames)")
+    if spec.stage == 2:
+        prompts = row.get("c_local") or []
+        if not prompts:
+            raise BadClipError(clip_id, "no local prompts (c_local): stage 2 needs one per "
+                                        "object")
+        empty = [p["name"] for p in prompts if not (p.get("prompt") or "").strip()]
+        if empty:
+            raise BadClipError(clip_id, f"empty local prompt for object(s) {empty}")
+
+
+def aligned_masks(masks: list[np.ndarray], color_indices: list[int], spec: ClipSpec
+                  ) -> np.ndarray:
+    """Per-object masks -> ``bool [K, T*, H, W]`` indexed by colour index (slot ``k`` is object
+    ``k``, empty when absent), with time aligned to latent frames: a causal autoencoder
+    encodes frame 0 alone, so frame 0 is repeated ``time_factor`` times and every latent frame
+    then covers exactly ``time_factor`` pixel frames."""
+    t, h, w = masks[0].shape
+    slots = np.zeros((max(color_indices) + 1, t, h, w), dtype=bool)
+    for m, k in zip(masks, color_indices, strict=True):
+        slots[k] = m
+    if spec.causal and spec.time_factor > 1 and t > 1:
+        head = np.repeat(slots[:, :1], spec.time_factor - 1, axis=1)
+        slots = np.concatenate([head, slots], axis=1)
+    return slots
+
+
+def prepare_clip(row: dict[str, Any], spec: ClipSpec) -> Clip:
+    """Decode, render and check one row (CPU only). Raises :class:`BadClipError`."""
+    _check_row(row, spec)
+    clip_id = row["clip_id"]
+    # Only the frames training uses are decoded from the RLE.
+    objects = [{**o, "rle": list(o["rle"])[:spec.frames]} for o in row["masks"]]
+    try:
+        masks, indices = masks_from_rle(objects, spec.height, spec.width)
+        trajectory = render_trajectory(masks, indices)
+    except ValueError as exc:
+        raise BadClipError(clip_id, f"bad masks: {exc}") from exc
+    frames = clip_frames(row, spec.frames, spec.height, spec.width)
+    if frames.shape != trajectory.shape:
+        raise BadClipError(clip_id, f"frames {frames.shape} and trajectory "
+                                    f"{trajectory.shape} differ")
+    local = row.get("c_local") or []
+    token_ids = None
+    if spec.stage == 2:
+        if spec.token_grid is None:
+            raise ValueError("ClipSpec.token_grid is required for stage 2")
+        try:
+            ids = token_object_ids(aligned_masks(masks, indices, spec), spec.token_grid,
+                                   rule=spec.mask_rule, threshold=spec.mask_threshold)
+        except ValueError as exc:
+            raise BadClipError(clip_id, f"token ids: {exc}") from exc
+        token_ids = ids.numpy()
+    return Clip(
+        clip_id=clip_id, frames=frames, trajectory=trajectory,
+        prompt=(row.get("c_motion") if spec.stage == 1 else row.get("caption")) or "",
+        caption=row.get("caption") or "", c_motion=row.get("c_motion") or "",
+        local_prompts=[p["prompt"] for p in local],
+        local_ids=[int(p["color_index"]) for p in local],
+        token_ids=token_ids,
+    )
+
+
+__all__ = ["COLUMNS", "BadClipError", "Clip", "ClipSpec", "RowReader", "aligned_masks",
+           "clip_frames", "decode_clip_bytes", "prepare_clip"]

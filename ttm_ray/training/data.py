@@ -1,0 +1,363 @@
+"""Training data: which rows a step reads (sampler + data position) and how they become tensors.
+
+Three parts, one job each:
+
+* :class:`ShardedSampler` + :class:`DataPosition`: a deterministic permutation per epoch from
+  ``(seed, epoch)``, cut into global steps and then into each rank's micro batches. The
+  position (epoch, step) is all a checkpoint needs to continue with the next unseen batch,
+  mid-epoch (Ray Data cannot resume mid-epoch, so training keeps its own position).
+* :class:`Encoders` (:class:`EncodersConfig`): the frozen autoencoder and text encoder, on the
+  worker's device.
+* :class:`TrainingData`: rows of a published dataset version -> ``(x_data, ModelConditioning)``.
+  Decoding and rendering are CPU work per clip (:mod:`ttm_ray.training.clips`, on a small
+  thread pool, optionally ahead of time with :meth:`TrainingData.prefetch`); encoding runs on
+  the worker's device.
+
+What each stage trains on (``method_notes.md``):
+
+* stage 1 (image-to-motion): target = E(trajectory video s); visual = [E(x0) | E(s0) | given]
+  at latent frame 0; text = c_motion.
+* stage 2 (motion-to-video): target = E(video x); visual = [E(x0) @ frame 0 | E(s) | given];
+  text = caption; local_text / local_text_ids = every object's c_local prompt, tagged with its
+  colour index; token_ids = the trajectory masks on the model's token grid.
+
+Sizes come from the model config: pixel frames/size = ``autoencoder.pixel_shape`` of the
+model's latent grid, unless ``data.frames/height/width`` say otherwise (then they must encode
+to exactly the model's latent grid).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ttm_ray.conditioning.autoencoders import Autoencoder, AutoencoderConfig
+from ttm_ray.conditioning.batch import ModelConditioning
+from ttm_ray.conditioning.layout import build_visual
+from ttm_ray.conditioning.text_encoders import TextEncoder, TextEncoderConfig
+from ttm_ray.config import constrained
+from ttm_ray.dataset.versions import open_version
+from ttm_ray.models.config import ModelConfig
+from ttm_ray.training.clips import BadClipError, Clip, ClipSpec, RowReader, prepare_clip
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class TrainDataConfig:
+    """Section ``data:`` of a train config: which dataset version and how it is read."""
+
+    dataset_root: str = constrained(
+        "runs/quickstart/prep/dataset", nonempty=True,
+        help="dataset root (holds versions/ and latest) written by `ttm-ray prep`")
+    version: str = constrained(
+        "latest", nonempty=True,
+        help="published version name, or latest (resolved once per run on the driver)")
+    frames: int | None = constrained(
+        None, gt=0, help="PIXEL frames per clip; null: what the model's latent frames decode to")
+    height: int | None = constrained(None, gt=0, help="pixel height; null: from the model")
+    width: int | None = constrained(None, gt=0, help="pixel width; null: from the model")
+    shuffle: bool = constrained(True, help="a new permutation of the rows every epoch")
+    seed: int = constrained(0, ge=0, help="seed of the per-epoch permutations")
+    prefetch: int = constrained(
+        2, ge=0, help="micro batches decoded ahead on CPU threads (0: decode on demand)")
+    decode_threads: int = constrained(2, gt=0, help="CPU threads decoding/rendering clips")
+    mask_rule: Literal["area", "box"] = constrained(
+        "area", help="masks -> token ids: area (>= threshold of a token) | box (the paper's)")
+    mask_threshold: float = constrained(0.5, gt=0, le=1, help="coverage that claims a token")
+    local_tokens_per_object: int | None = constrained(
+        None, gt=0, help="cap on each local prompt's tokens; null: the text encoder's length")
+    local_tokens: int | None = constrained(
+        None, gt=0, help="fixed M (local tokens per sample, padded); null: the batch's longest")
+    validation_clip: str | None = constrained(
+        None, help="clip_id of the fixed validation clip (MLflow samples); null: row 0")
+    row_group_cache: int = constrained(
+        4, gt=0, help="Parquet row groups kept in memory per worker (random access)")
+
+
+# ----------------------------------------------------------------------------- position
+@dataclass
+class DataPosition:
+    """Where the data stream is: ``step`` optimizer steps taken in ``epoch``. Saved in every
+    checkpoint; resuming from it reads the next unseen batch."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "step": int(self.step)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> DataPosition:
+        return cls(epoch=int(state["epoch"]), step=int(state["step"]))
+
+
+class ShardedSampler:
+    """Deterministic rows for every (rank, global step): no state besides the position.
+
+    Epoch ``e`` uses ``permutation(seed, e)`` of all rows (identity without shuffle), cut into
+    ``steps_per_epoch = num_rows // global_batch`` global batches (the ``num_rows %
+    global_batch`` rows at the end of a permutation wait for a later epoch, where the
+    permutation differs). Global batch ``s`` is laid out ``[grad_accum, world_size,
+    micro_batch]``: rank ``r``'s ``k``-th micro batch is ``[k, r, :]``. So inside an epoch no
+    row repeats, ranks are disjoint and together cover the global batch, and a position always
+    gives the same indices, whatever happened before it.
+    """
+
+    def __init__(self, num_rows: int, world_size: int, rank: int, micro_batch: int,
+                 grad_accum: int, seed: int = 0, shuffle: bool = True) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if micro_batch < 1 or grad_accum < 1:
+            raise ValueError(f"micro_batch {micro_batch} and grad_accum {grad_accum} must be "
+                             ">= 1")
+        self.num_rows, self.world_size, self.rank = int(num_rows), int(world_size), int(rank)
+        self.micro_batch, self.grad_accum = int(micro_batch), int(grad_accum)
+        self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.global_batch = self.micro_batch * self.grad_accum * self.world_size
+        if self.num_rows < self.global_batch:
+            raise ValueError(f"the dataset has {self.num_rows} rows, fewer than one global "
+                             f"batch of {self.global_batch} (micro_batch x grad_accum x "
+                             "workers): use a bigger dataset or a smaller batch")
+        self.steps_per_epoch = self.num_rows // self.global_batch
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Row order of ``epoch`` (cached for the current epoch)."""
+        if self._perm is None or self._perm[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows)
+            else:
+                order = np.arange(self.num_rows)
+            self._perm = (int(epoch), order)
+        return self._perm[1]
+
+    def normalize(self, position: DataPosition) -> DataPosition:
+        """The same position with ``step < steps_per_epoch`` (epochs rolled over)."""
+        if position.epoch < 0 or position.step < 0:
+            raise ValueError(f"invalid data position {position}")
+        epoch = position.epoch + position.step // self.steps_per_epoch
+        return DataPosition(epoch, position.step % self.steps_per_epoch)
+
+    def advance(self, position: DataPosition) -> DataPosition:
+        """The position after one more optimizer step."""
+        pos = self.normalize(position)
+        return self.normalize(DataPosition(pos.epoch, pos.step + 1))
+
+    def global_indices(self, position: DataPosition) -> np.ndarray:
+        """All ranks' rows of this step, ``[grad_accum, world_size, micro_batch]``."""
+        pos = self.normalize(position)
+        start = pos.step * self.global_batch
+        block = self.permutation(pos.epoch)[start:start + self.global_batch]
+        return block.reshape(self.grad_accum, self.world_size, self.micro_batch)
+
+    def next_micro_batches(self, position: DataPosition) -> list[list[int]]:
+        """This rank's ``grad_accum`` micro batches (row indices) of the step at ``position``."""
+        return [[int(i) for i in micro] for micro in self.global_indices(position)[:, self.rank]]
+
+
+# ----------------------------------------------------------------------------- encoders
+@dataclass
+class EncodersConfig:
+    """Section ``encoders:``: the frozen autoencoder and text encoder of a run."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def build(self, device: torch.device | str | None = None) -> Encoders:
+        return Encoders(self.autoencoder.build(device), self.text_encoder.build(device))
+
+
+class Encoders:
+    """The frozen encoders on one device (neither stage trains them)."""
+
+    def __init__(self, autoencoder: Autoencoder, text: TextEncoder) -> None:
+        self.autoencoder = autoencoder
+        self.text = text
+
+    def null_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's ``(emb [batch, L, D], mask [batch, L])``: dropped text in
+        training, the unconditional branch of guidance."""
+        return self.text.null(batch)
+
+
+# ----------------------------------------------------------------------------- the data
+def _token_patch(model_cfg: ModelConfig) -> tuple[int, int, int]:
+    """Latent -> token grid factor of the model: the family config's ``patch`` (the DiT's
+    patchify), or ``(1, 1, 1)`` for families whose token grid is the latent grid (U-Net)."""
+    from ttm_ray.models import resolve_family_config
+
+    patch = getattr(resolve_family_config(model_cfg), "patch", (1, 1, 1))
+    return tuple(int(p) for p in patch)  # type: ignore[return-value]
+
+
+def _to_video(frames: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` per clip -> float ``[B, 3, T, H, W]`` in [-1, 1] on ``device``."""
+    x = torch.from_numpy(np.stack(frames)).to(device)
+    return x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+
+
+class TrainingData:
+    """Rows of one dataset version -> encoded training batches, on one worker.
+
+    ``batch(indices)`` is the loop's only call; the permutation lives in
+    :class:`ShardedSampler`. Nothing here draws random numbers (the VAE posterior is its mode
+    unless the autoencoder config says ``sample``), so decoding ahead (:meth:`prefetch`)
+    cannot change what a step sees.
+    """
+
+    def __init__(self, cfg: TrainDataConfig, stage: int, model_cfg: ModelConfig,
+                 encoders: Encoders, device: torch.device | str) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        self.cfg, self.stage, self.model_cfg = cfg, int(stage), model_cfg
+        self.encoders, self.device = encoders, torch.device(device)
+        version = open_version(cfg.dataset_root, cfg.version)
+        self.version = version.name
+        self._rows = RowReader(version, cache_groups=cfg.row_group_cache)
+        self.num_rows = self._rows.num_rows
+        self.spec = self._clip_spec()
+        self._pool = ThreadPoolExecutor(max_workers=cfg.decode_threads,
+                                        thread_name_prefix="ttm-data")
+        self._ahead: OrderedDict[tuple[int, ...], list[Future[Clip]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._validation: tuple[torch.Tensor, ModelConditioning, dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ shapes
+    def _clip_spec(self) -> ClipSpec:
+        """Pixel size from the model's latent grid (or the config), checked both ways."""
+        ae, m = self.encoders.autoencoder, self.model_cfg
+        if ae.latent_channels != m.latent_channels:
+            raise ValueError(f"the autoencoder gives {ae.latent_channels} latent channels but "
+                             f"model.latent_channels is {m.latent_channels}")
+        _, frames, height, width = ae.pixel_shape(m.num_frames, m.height, m.width)
+        frames = self.cfg.frames or frames
+        height, width = self.cfg.height or height, self.cfg.width or width
+        latent = ae.latent_shape(frames, height, width)
+        want = (m.latent_channels, m.num_frames, m.height, m.width)
+        if latent != want:
+            raise ValueError(f"data {frames}x{height}x{width} (frames x height x width) encodes "
+                             f"to a latent {list(latent)}, the model takes {list(want)} "
+                             "[C, T, H, W]: fix data.frames/height/width or the model's grid")
+        pt, ph, pw = _token_patch(m)
+        grid = (m.num_frames // pt, m.height // ph, m.width // pw)
+        return ClipSpec(stage=self.stage, frames=frames, height=height, width=width,
+                        time_factor=ae.factors[0], causal=ae.causal,
+                        token_grid=grid if self.stage == 2 else None,
+                        mask_rule=self.cfg.mask_rule, mask_threshold=self.cfg.mask_threshold,
+                        allow_empty_prompt=self.encoders.text.empty_prompt == "null")
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """``(frames, height, width)`` of the clips fed to the autoencoder."""
+        return self.spec.frames, self.spec.height, self.spec.width
+
+    # ------------------------------------------------------------------ CPU half
+    def _submit(self, indices: Sequence[int]) -> list[Future[Clip]]:
+        rows = self._rows.rows(indices)
+        return [self._pool.submit(prepare_clip, row, self.spec) for row in rows]
+
+    def prefetch(self, batches: Sequence[Sequence[int]]) -> None:
+        """Start decoding these micro batches (row indices) on the CPU threads; ``batch``
+        picks them up. At most ``data.prefetch`` batches are held ahead."""
+        if self.cfg.prefetch == 0:
+            return
+        with self._lock:
+            for indices in batches:
+                key = tuple(int(i) for i in indices)
+                if key not in self._ahead:
+                    self._ahead[key] = self._submit(key)
+                while len(self._ahead) > self.cfg.prefetch:
+                    for f in self._ahead.popitem(last=False)[1]:
+                        f.cancel()
+
+    def clips(self, indices: Sequence[int]) -> list[Clip]:
+        """Decoded clips of ``indices`` (CPU); raises :class:`BadClipError` naming the clip."""
+        key = tuple(int(i) for i in indices)
+        with self._lock:
+            futures = self._ahead.pop(key, None)
+        if futures is None:
+            futures = self._submit(key)
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------------ device half
+    def batch(self, indices: Sequence[int], generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, ModelConditioning]:
+        """``(x_data [B, C, T, H, W], cond)`` for rows ``indices``, float32 on the device.
+
+        ``generator`` is the loop's per-rank generator; batch preparation is deterministic
+        and draws nothing from it today (kept so augmentations stay reproducible).
+        """
+        del generator
+        return self.encode(self.clips(indices))
+
+    @torch.no_grad()
+    def encode(self, clips: Sequence[Clip]) -> tuple[torch.Tensor, ModelConditioning]:
+        """Encode prepared clips on the worker's device (see the module docstring)."""
+        ae, text = self.encoders.autoencoder, self.encoders.text
+        names = [c.clip_id for c in clips]  # the text encoder's errors name the clip
+        video = _to_video([c.frames for c in clips], self.device)
+        trajectory = _to_video([c.trajectory for c in clips], self.device)
+        b = len(clips)
+        # One autoencoder call per shape: the first frames of both videos, then the videos.
+        x0, s0 = ae.encode_image(torch.cat([video[:, :, :1], trajectory[:, :, :1]])
+                                 ).float().split(b)
+        if self.stage == 1:
+            x_data, s = ae.encode(trajectory).float(), s0
+        else:
+            x_data, s = ae.encode(torch.cat([video, trajectory])).float().split(b)
+        visual = build_visual(self.stage, x0, s, self.model_cfg.num_frames)
+        emb, mask = text.encode([c.prompt for c in clips], names=[f"clip {n!r}" for n in names])
+        cond = ModelConditioning(visual=visual, text=emb.float(), text_mask=mask.bool())
+        if self.stage == 2:
+            local, local_ids = text.encode_local(
+                [c.local_prompts for c in clips], [c.local_ids for c in clips],
+                max_tokens_per_object=self.cfg.local_tokens_per_object,
+                num_tokens=self.cfg.local_tokens)
+            ids = torch.from_numpy(np.stack([c.token_ids for c in clips])).to(self.device)
+            cond = cond.replace(local_text=local.float(), local_text_ids=local_ids.long(),
+                                token_ids=ids.long())
+        return x_data, cond
+
+    # ------------------------------------------------------------------ validation
+    def validation_index(self) -> int:
+        clip = self.cfg.validation_clip
+        if clip is None:
+            return 0
+        try:
+            return self._rows.clip_ids.index(clip)
+        except ValueError:
+            raise ValueError(f"data.validation_clip {clip!r} is not in dataset version "
+                             f"{self.version}") from None
+
+    def validation_sample(self) -> tuple[torch.Tensor, ModelConditioning, dict[str, Any]]:
+        """The fixed validation clip (batch of 1), computed once: ``(x_data, cond, raw)`` with
+        ``raw`` = clip_id, prompts and the uint8 frames / trajectory (for previews)."""
+        if self._validation is None:
+            clip = self.clips([self.validation_index()])[0]
+            x, cond = self.encode([clip])
+            raw = {"clip_id": clip.clip_id, "caption": clip.caption, "c_motion": clip.c_motion,
+                   "local_prompts": clip.local_prompts, "local_ids": clip.local_ids,
+                   "frames": clip.frames, "trajectory": clip.trajectory, "stage": self.stage}
+            self._validation = (x, cond, raw)
+        return self._validation
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "BadClipError",
+    "DataPosition",
+    "Encoders",
+    "EncodersConfig",
+    "ShardedSampler",
+    "TrainDataConfig",
+    "TrainingData",
+]

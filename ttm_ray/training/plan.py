@@ -1,0 +1,585 @@
+"""Capacity plan of a training run: will it fit, how long will it take, what does it send.
+
+``ttm-ray plan train --config ...`` prints :func:`plan_training` for a :class:`TrainConfig`
+under stated :class:`Hardware` assumptions (default: the paper's A100-80GB, 8 per node).
+
+Per-GPU memory, for ZeRO-2 and ZeRO-3 side by side (``P`` trainable parameters, ``N`` data-
+parallel workers, ``L`` the largest single module's parameters; bf16 mixed precision as
+DeepSpeed runs it):
+
+* model states (the ZeRO paper's accounting, as DeepSpeed's
+  ``estimate_zero{2,3}_model_states_mem_needs`` count them; they are cross-checked):
+
+  ========================  ==================  ==========================
+  bytes per GPU             ZeRO-2              ZeRO-3
+  ========================  ==================  ==========================
+  parameters (bf16)         ``2P``              ``2P/N``
+  gradients                 ``6P/N`` (bf16+fp32)  ``4P/N`` (fp32)
+  optimizer (fp32 master,   ``12P/N``           ``12P/N``
+  Adam m and v)
+  gathered layer            0                   ``4L`` (bf16 params + grads)
+  ========================  ==================  ==========================
+
+  Without bf16 (fp32 training): parameters ``4P`` / ``4P/N``, gradients ``4P/N``, optimizer
+  ``8P/N`` (no separate master copy), gathered layer ``8L``; DeepSpeed's estimators assume
+  mixed precision, so there is no cross-check then.
+* communication buckets: ``2 bytes x (reduce_bucket + allgather_bucket)`` (ZeRO-3: reduce +
+  DeepSpeed's default 5e7-element prefetch bucket), x4.5 with ``overlap_comm`` (DeepSpeed's
+  documented footprint).
+* activations: **measured**, not modelled: one forward + backward of one micro batch of the
+  real model on the ``meta`` device (nothing allocated, seconds even for dit-4b), tracking the
+  bytes of live tensors; the peak is what the step needs beyond the model states. Attention is
+  accounted as the fused kernels the GPU runs (flash / FlexAttention keep q, k, v, the output
+  and the log-sum-exp, never an ``N x M`` matrix or mask). Activation checkpointing is
+  measured as configured.
+* frozen encoders: their weights in their dtype (counted from their config files on the meta
+  device; reported as unknown when the folder is not on this machine).
+* a fixed reserve for the CUDA context, NCCL and allocator fragmentation.
+
+Time: training FLOPs per sample from :mod:`ttm_ray.models.flops` (3x forward, 4x with
+activation checkpointing) x samples per GPU per step, at ``mfu`` of ``peak_tflops``; the frozen
+encoders' forward passes are not counted. Gradient communication per GPU per step (ring
+collectives move ``(N-1)/N`` of the buffer): ZeRO-2 reduce-scatters bf16 gradients every
+micro batch and all-gathers the updated bf16 parameters once; ZeRO-3 all-gathers parameters
+for the forward and again for the backward of every micro batch and reduce-scatters the
+gradients. It runs at the inter-node bandwidth when the workers span nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ttm_ray.config import constrained
+
+if TYPE_CHECKING:
+    from ttm_ray.conditioning.autoencoders import AutoencoderConfig
+    from ttm_ray.conditioning.text_encoders import TextEncoderConfig
+    from ttm_ray.models import ModelConfig
+    from ttm_ray.training.config import DeepSpeedConfig, TrainConfig
+
+GIB = 1 << 30
+#: DeepSpeed's default ``stage3_prefetch_bucket_size`` (elements): the deepspeed config of a
+#: run does not set it.
+ZERO3_PREFETCH_BUCKET = 50_000_000
+#: DeepSpeed documents that ``overlap_comm`` uses 4.5x the bucket sizes.
+OVERLAP_BUFFER_FACTOR = 4.5
+ZERO_STAGES = (2, 3)
+
+
+@dataclass
+class Hardware:
+    """What the plan assumes about one GPU and the network (defaults: the paper's cluster,
+    A100-80GB SXM, 8 per node with NVLink, one 200 Gb/s HDR InfiniBand port per GPU)."""
+
+    name: str = "A100-80GB SXM"
+    gpu_memory_gib: float = constrained(80.0, gt=0, help="memory per GPU")
+    reserved_gib: float = constrained(
+        3.0, ge=0, help="kept back for the CUDA context, NCCL and allocator fragmentation")
+    peak_tflops: float = constrained(312.0, gt=0, help="dense bf16 peak per GPU (A100: 312)")
+    mfu: float = constrained(0.40, gt=0, le=1, help="assumed model FLOPs utilisation")
+    gpus_per_node: int = constrained(8, gt=0)
+    intra_node_gb_per_s: float = constrained(
+        300.0, gt=0, help="per-GPU collective bandwidth inside a node (NVLink 3: ~300 GB/s)")
+    inter_node_gb_per_s: float = constrained(
+        25.0, gt=0, help="per-GPU bandwidth across nodes (200 Gb/s InfiniBand: 25 GB/s)")
+
+
+# ----------------------------------------------------------------------------- formulas
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU of parameters, gradients, optimizer states and (ZeRO-3) the gathered
+    working layer."""
+
+    params: int
+    grads: int
+    optimizer: int
+    gathered: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.gathered
+
+
+def model_state_bytes(params: int, largest_layer: int, world: int, zero_stage: int,
+                      bf16: bool = True) -> ModelStates:
+    """Per-GPU model states under ``zero_stage`` (formulas in the module docstring)."""
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage}")
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    p, n = int(params), int(world)
+    if bf16:
+        param_bytes, grad_part, opt, gathered = 2, 6, 12, 4
+        if zero_stage == 3:
+            grad_part = 4  # bf16 gradients are reduce-scattered bucket by bucket
+    else:
+        param_bytes, grad_part, opt, gathered = 4, 4, 8, 8
+    if zero_stage == 2:
+        return ModelStates(param_bytes * p, grad_part * p // n, opt * p // n)
+    return ModelStates(param_bytes * p // n, grad_part * p // n, opt * p // n,
+                       gathered * int(largest_layer))
+
+
+def comm_buffer_bytes(ds: DeepSpeedConfig, zero_stage: int, bf16: bool = True) -> int:
+    """Reduce / gather bucket buffers (DeepSpeed: 4.5x the bucket sizes with overlap_comm)."""
+    elem = 2 if bf16 else 4
+    gather = ds.allgather_bucket_size if zero_stage == 2 else ZERO3_PREFETCH_BUCKET
+    factor = OVERLAP_BUFFER_FACTOR if ds.overlap_comm else 1.0
+    return int(elem * (ds.reduce_bucket_size + gather) * factor)
+
+
+def gradient_comm_bytes(params: int, world: int, zero_stage: int, grad_accum: int = 1,
+                        bf16: bool = True) -> int:
+    """Bytes each GPU sends per optimizer step for gradients and parameters (module
+    docstring); 0 on a single worker."""
+    if world <= 1:
+        return 0
+    elem = 2 if bf16 else 4
+    ring = (world - 1) / world
+    # ZeRO-2: a reduce-scatter per micro batch + one all-gather of the updated parameters;
+    # ZeRO-3: per micro batch, gather (forward), gather (backward), reduce-scatter.
+    collectives = grad_accum + 1 if zero_stage == 2 else 3 * grad_accum
+    return int(collectives * elem * params * ring)
+
+
+def deepspeed_estimate(params: int, largest_layer: int, world: int, zero_stage: int
+                       ) -> int | None:
+    """DeepSpeed's own per-GPU model-state estimate (no offload), or None without DeepSpeed."""
+    try:
+        if zero_stage == 2:
+            from deepspeed.runtime.zero.stage_1_and_2 import (
+                estimate_zero2_model_states_mem_needs,
+            )
+
+            return int(estimate_zero2_model_states_mem_needs(
+                params, num_gpus_per_node=world, num_nodes=1, cpu_offload=False)[1])
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return int(estimate_zero3_model_states_mem_needs(
+            params, largest_layer, num_gpus_per_node=world, num_nodes=1, cpu_offload=False,
+            cpu_offload_params=False)[1])
+    except ImportError:
+        return None
+
+
+def largest_layer_params(model: torch.nn.Module) -> int:
+    """Parameters of the largest single module (its own, not its children's): what ZeRO-3
+    gathers at once, as DeepSpeed's estimator defines it."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False))
+                for m in model.modules()), default=0)
+
+
+# ----------------------------------------------------------------------------- activations
+class _FusedAttention(torch.autograd.Function):
+    """Attention as flash / FlexAttention store it for backward: q, k, v, out, logsumexp."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+    return _FusedAttention.apply(q, k, v)
+
+
+def _fused_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+                  **kwargs: Any) -> torch.Tensor:
+    return _FusedAttention.apply(q, k, v)
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fused_attention_accounting() -> Iterator[None]:
+    """Route SDPA and masked attention through :class:`_FusedAttention` (meta device only:
+    the outputs are empty)."""
+    import torch.nn.functional as F
+
+    import ttm_ray.conditioning.masked_attention as ma
+
+    with _PATCH_LOCK:
+        sdpa, masked = F.scaled_dot_product_attention, ma.masked_attention
+        F.scaled_dot_product_attention, ma.masked_attention = _fused_sdpa, _fused_masked
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention, ma.masked_attention = sdpa, masked
+
+
+class LiveBytes:
+    """Bytes of tensor storages created inside ``with LiveBytes() as t:`` and still alive
+    (``t.live``), and their peak (``t.peak``). Works on the meta device, where storages have
+    a size but no memory: a model's footprint without allocating it."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        tracker = self
+        self.live = self.peak = 0
+        seen = WeakIdKeyDictionary()
+
+        def free(nbytes: int) -> None:
+            tracker.live -= nbytes
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        if storage not in seen:
+                            nbytes = storage.nbytes()
+                            seen[storage] = weakref.ref(storage, lambda _, n=nbytes: free(n))
+                            tracker.live += nbytes
+                tracker.peak = max(tracker.peak, tracker.live)
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self) -> LiveBytes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+def measure_activation_bytes(model_cfg: ModelConfig, micro_batch: int, *,
+                             text_tokens: int, local_tokens: int, bf16: bool = True) -> int:
+    """Peak bytes of activations (and backward temporaries) of one training micro batch.
+
+    Builds the model on the meta device (``init_from`` is not loaded), runs forward and
+    backward under a live-storage tracker; parameter gradients are dropped as they arrive
+    (DeepSpeed moves them into its buckets, counted with the model states).
+    """
+    from ttm_ray.models import build_model
+    from ttm_ray.models.flops import example_inputs
+
+    cfg = replace(model_cfg, init_from=None)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = build_model(cfg, device="meta").to(dtype)
+    model.train()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+    x, t, cond = example_inputs(cfg, model, micro_batch, text_tokens=text_tokens,
+                                local_tokens=local_tokens, device="meta")
+    x, cond = x.to(dtype), cond.to("meta", dtype)
+    with _fused_attention_accounting(), LiveBytes() as tracker:
+        out = model(x, t, cond)
+        out.float().square().mean().backward()
+    return int(tracker.peak)
+
+
+# ----------------------------------------------------------------------------- encoders
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def autoencoder_bytes(cfg: AutoencoderConfig) -> int | None:
+    """Weight bytes of the frozen autoencoder (0 for the pixel kind; None when its folder is
+    not on this machine)."""
+    if cfg.kind == "pixel":
+        return 0
+    import diffusers
+
+    root = Path(cfg.path or "")
+    folder = next((d for d in (root, root / "vae") if (d / "config.json").is_file()), None)
+    if not cfg.path or folder is None:
+        return None
+    cls = getattr(diffusers, "AutoencoderKL" if cfg.kind == "image_vae" else cfg.class_name)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    return _param_bytes(model.to(getattr(torch, cfg.dtype)))
+
+
+def text_encoder_bytes(cfg: TextEncoderConfig) -> int | None:
+    """Weight bytes of the frozen text encoder (None when its folder is not here)."""
+    import transformers
+
+    from ttm_ray.conditioning.text_encoders import _MODEL_CLASSES
+
+    root = Path(cfg.path or "")
+    folder = next((d for d in (root, root / "text_encoder") if (d / "config.json").is_file()),
+                  None)
+    if not cfg.path or folder is None:
+        return None
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    name = _MODEL_CLASSES[cfg.kind].get(config.model_type)
+    if name is None:
+        return None
+    with torch.device("meta"):
+        model = getattr(transformers, name)(config)
+    return _param_bytes(model.to(getattr(torch, cfg.dtype)))
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class MemoryPlan:
+    """Per-GPU memory of one ZeRO stage (bytes); ``activations``/``encoders`` None when not
+    measured / not countable here."""
+
+    zero_stage: int
+    states: ModelStates
+    buffers: int
+    activations: int | None
+    encoders: int | None
+    reserved: int
+    capacity: int
+    deepspeed_states: int | None
+
+    @property
+    def total(self) -> int:
+        return (self.states.total + self.buffers + (self.activations or 0)
+                + (self.encoders or 0) + self.reserved)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+@dataclass
+class CommPlan:
+    zero_stage: int
+    bytes_per_step: int
+    bandwidth_gb_per_s: float
+    scope: str  # "inter-node" | "intra-node" | "none"
+
+    @property
+    def seconds(self) -> float:
+        return self.bytes_per_step / (self.bandwidth_gb_per_s * 1e9)
+
+
+@dataclass
+class TrainPlan:
+    """What :func:`plan_training` found; :meth:`format` prints it, :meth:`summary` is JSON."""
+
+    run: str
+    model: str
+    hardware: Hardware
+    params: int
+    largest_layer: int
+    world: int
+    nodes: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    max_steps: int
+    tokens: int
+    flops_per_sample: int  # training FLOPs (forward x 3, or x 4 with checkpointing)
+    activation_checkpointing: bool
+    configured_stage: int
+    overlap_comm: bool
+    memory: dict[int, MemoryPlan]
+    comm: dict[int, CommPlan]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Compute time of one step on one GPU at the assumed MFU."""
+        flops = self.flops_per_sample * self.micro_batch * self.grad_accum
+        return flops / (self.hardware.peak_tflops * 1e12 * self.hardware.mfu)
+
+    def step_seconds(self, zero_stage: int) -> float:
+        """Compute and communication overlapped (``overlap_comm``) or added."""
+        comm = self.comm[zero_stage].seconds
+        return max(self.compute_seconds, comm) if self.overlap_comm \
+            else self.compute_seconds + comm
+
+    def verdict(self, zero_stage: int | None = None) -> str:
+        """One line: fits or not, with the biggest lever when it does not."""
+        stage = self.configured_stage if zero_stage is None else zero_stage
+        mem = self.memory[stage]
+        need, cap = mem.total / GIB, mem.capacity / GIB
+        if mem.fits:
+            return f"ZeRO-{stage}: fits ({need:.1f} of {cap:.0f} GiB per GPU)"
+        hints = []
+        if stage == 2 and self.memory[3].fits:
+            hints.append("ZeRO-3 fits")
+        if mem.activations and not self.activation_checkpointing:
+            hints.append("turn on model.activation_checkpointing")
+        if mem.buffers > mem.total // 4:
+            hints.append("smaller deepspeed.reduce_bucket_size / allgather_bucket_size")
+        if mem.activations and self.micro_batch > 1:
+            hints.append("lower batch.micro_batch (raise grad_accum)")
+        hints.append("more workers (shards optimizer states further)")
+        return (f"ZeRO-{stage}: DOES NOT FIT: needs {need:.1f} GiB per GPU, the "
+                f"{self.hardware.name} has {cap:.0f} GiB; try: {'; '.join(hints)}")
+
+    def format(self) -> str:
+        hw = self.hardware
+
+        def gib(b: int | None) -> str:
+            return f"{'n/a':>8}" if b is None else f"{b / GIB:8.2f}"
+
+        m2, m3 = self.memory[2], self.memory[3]
+        ckpt = "on" if self.activation_checkpointing else "off"
+        rows = [
+            ("parameters", m2.states.params, m3.states.params),
+            ("gradients", m2.states.grads, m3.states.grads),
+            ("optimizer states", m2.states.optimizer, m3.states.optimizer),
+            ("gathered layer (ZeRO-3)", m2.states.gathered, m3.states.gathered),
+            ("comm buckets", m2.buffers, m3.buffers),
+            (f"activations (ckpt {ckpt})", m2.activations, m3.activations),
+            ("frozen encoders", m2.encoders, m3.encoders),
+            ("reserve", m2.reserved, m3.reserved),
+            ("total", m2.total, m3.total),
+            ("DeepSpeed estimate (states)", m2.deepspeed_states, m3.deepspeed_states),
+        ]
+        lines = [
+            f"Capacity plan: {self.run} ({self.model})",
+            f"  {self.world} workers = {self.nodes} node(s) x {min(self.world, hw.gpus_per_node)}"
+            f" {hw.name}; global batch {self.global_batch} = micro {self.micro_batch} x accum "
+            f"{self.grad_accum} x {self.world}",
+            f"  {self.params / 1e9:.3f} B trainable parameters (largest layer "
+            f"{self.largest_layer / 1e6:.1f} M); {self.tokens} tokens per sample",
+            "",
+            f"  per-GPU memory (GiB)          {'ZeRO-2':>8} {'ZeRO-3':>8}",
+            *(f"  {name:<30}{gib(a)} {gib(b)}" for name, a, b in rows),
+            f"  {'fits in ' + format(hw.gpu_memory_gib, 'g') + ' GiB':<30}"
+            f"{'yes' if m2.fits else 'NO':>8} {'yes' if m3.fits else 'NO':>8}",
+            "",
+            f"  compute: {self.flops_per_sample / 1e12:.2f} TFLOP per training sample; "
+            f"{self.compute_seconds:.3f} s per step at {hw.mfu:.0%} MFU of "
+            f"{hw.peak_tflops:g} TFLOPS",
+        ]
+        for stage in ZERO_STAGES:
+            c = self.comm[stage]
+            step = self.step_seconds(stage)
+            lines.append(
+                f"  ZeRO-{stage}: {c.bytes_per_step / 1e9:.2f} GB sent per GPU per step "
+                f"({c.scope}, {c.bandwidth_gb_per_s:g} GB/s: {c.seconds:.3f} s); step "
+                f"{step:.3f} s -> {self.max_steps:,} steps in {step * self.max_steps / 3600:.1f} h"
+                f" ({'overlapped' if self.overlap_comm else 'not overlapped'})")
+        lines += ["", f"  configured: {self.verdict()}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record (GiB, seconds, hours)."""
+        return {
+            "run": self.run, "model": self.model, "params": self.params,
+            "world": self.world, "configured_zero_stage": self.configured_stage,
+            "fits": self.memory[self.configured_stage].fits,
+            "verdict": self.verdict(),
+            "memory_gib": {f"zero{s}": round(m.total / GIB, 3) for s, m in self.memory.items()},
+            "activations_gib": None if self.memory[2].activations is None
+            else round(self.memory[2].activations / GIB, 3),
+            "step_seconds": {f"zero{s}": round(self.step_seconds(s), 4) for s in ZERO_STAGES},
+            "hours": {f"zero{s}": round(self.step_seconds(s) * self.max_steps / 3600, 2)
+                      for s in ZERO_STAGES},
+            "comm_gb_per_step": {f"zero{s}": round(c.bytes_per_step / 1e9, 3)
+                                 for s, c in self.comm.items()},
+            "hardware": asdict(self.hardware),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.summary())
+
+
+def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
+                  measure_activations: bool = True) -> TrainPlan:
+    """The capacity plan of ``cfg`` on ``hardware`` (see the module docstring).
+
+    ``measure_activations=False`` skips the meta-device forward/backward (activations are then
+    left out of the totals and the plan says so).
+    """
+    from ttm_ray.models import build_model
+    from ttm_ray.models.flops import DEFAULT_LOCAL_TOKENS, forward_flop_report
+
+    hw = hardware or Hardware()
+    model_cfg = replace(cfg.model, init_from=None)  # plan the shape; weights are not needed
+    model = build_model(model_cfg, device="meta")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    largest = largest_layer_params(model)
+    del model
+    world = cfg.scaling.num_workers
+    bf16 = cfg.deepspeed.bf16
+    text_tokens = cfg.encoders.text_encoder.max_length
+    local_tokens = (cfg.data.local_tokens or DEFAULT_LOCAL_TOKENS) if cfg.model.stage == 2 else 0
+    report = forward_flop_report(model_cfg, text_tokens=text_tokens, local_tokens=local_tokens)
+    notes = []
+
+    activations = None
+    if measure_activations:
+        activations = measure_activation_bytes(model_cfg, cfg.batch.micro_batch,
+                                               text_tokens=text_tokens,
+                                               local_tokens=local_tokens, bf16=bf16)
+    else:
+        notes.append("activations not measured (--skip-activations): totals are a lower bound")
+    ae, te = autoencoder_bytes(cfg.encoders.autoencoder), text_encoder_bytes(
+        cfg.encoders.text_encoder)
+    encoders = None if ae is None and te is None else (ae or 0) + (te or 0)
+    for what, value, path in (("autoencoder", ae, cfg.encoders.autoencoder.path),
+                              ("text encoder", te, cfg.encoders.text_encoder.path)):
+        if value is None:
+            notes.append(f"{what} weights not counted: no model folder at {path}")
+    notes.append("compute counts the denoiser only; the frozen encoders' forward passes on "
+                 "the training GPUs come on top")
+
+    nodes = math.ceil(world / hw.gpus_per_node)
+    scope = "none" if world == 1 else "inter-node" if nodes > 1 else "intra-node"
+    bandwidth = hw.inter_node_gb_per_s if nodes > 1 else hw.intra_node_gb_per_s
+    memory, comm = {}, {}
+    for stage in ZERO_STAGES:
+        memory[stage] = MemoryPlan(
+            zero_stage=stage,
+            states=model_state_bytes(params, largest, world, stage, bf16),
+            buffers=comm_buffer_bytes(cfg.deepspeed, stage, bf16),
+            activations=activations, encoders=encoders,
+            reserved=int(hw.reserved_gib * GIB), capacity=int(hw.gpu_memory_gib * GIB),
+            deepspeed_states=deepspeed_estimate(params, largest, world, stage) if bf16
+            else None)
+        comm[stage] = CommPlan(stage, gradient_comm_bytes(params, world, stage,
+                                                          cfg.batch.grad_accum, bf16),
+                               bandwidth, scope)
+    return TrainPlan(
+        run=cfg.run.name,
+        model=f"{cfg.model.family} {cfg.model.size} stage {cfg.model.stage}, latent "
+              f"{cfg.model.num_frames}x{cfg.model.height}x{cfg.model.width}",
+        hardware=hw, params=params, largest_layer=largest, world=world, nodes=nodes,
+        micro_batch=cfg.batch.micro_batch, grad_accum=cfg.batch.grad_accum,
+        global_batch=cfg.batch.global_batch, max_steps=cfg.optim.max_steps,
+        tokens=report.tokens,
+        flops_per_sample=report.training_per_sample(cfg.model.activation_checkpointing),
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        configured_stage=cfg.deepspeed.zero_stage, overlap_comm=cfg.deepspeed.overlap_comm,
+        memory=memory, comm=comm, notes=notes)
+
+
+__all__ = [
+    "Hardware",
+    "LiveBytes",
+    "MemoryPlan",
+    "ModelStates",
+    "TrainPlan",
+    "comm_buffer_bytes",
+    "deepspeed_estimate",
+    "gradient_comm_bytes",
+    "largest_layer_params",
+    "measure_activation_bytes",
+    "model_state_bytes",
+    "plan_training",
+]
