@@ -8,7 +8,6 @@ from typing import Literal
 
 from data_prep.filtering import FilterConfig
 from data_prep.publish import PublishConfig
-from data_prep.resources import StageResources
 from data_prep.sources import SourceConfig
 from data_prep.stages.caption import CaptionConfig
 from data_prep.stages.clip import ClipConfig
@@ -19,6 +18,7 @@ from data_prep.stages.prompts import PromptConfig
 from data_prep.stages.score import ScoreConfig
 from data_prep.stages.segment import SegmentConfig
 from ttm_ray.config import RunConfig, constrained
+from ttm_ray.config.resources import StageResources
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_prep.config import PrepConfig, StageResources
-from data_prep.publish import clip_bytes_encoder, publish_rows, refilter_version
+from data_prep.publish import clip_bytes_encoder, publish_rows, refilter_version, row_key
 from data_prep.rows import COLUMNS, OK, REJECTED, is_rejected, reject, to_table
 from data_prep.sources import list_inputs
 from data_prep.stages.caption import CaptionStage
@@ -40,6 +40,7 @@ from data_prep.writer import (
     read_parts,
 )
 from ttm_ray.config import ConfigError, config_hash, to_dict, write_effective_config
+from ttm_ray.config.resources import ray_remote_args
 from ttm_ray.dataset.versions import (
     DatasetVersion,
     latest_version,
@@ -205,12 +206,8 @@ def build_pipeline(cfg: PrepConfig, inputs: list[dict], done: DoneSet, stats: An
     ds = ds.repartition(max(1, min(len(inputs), cfg.max_input_blocks)))
     for spec in stage_specs(cfg, done_ref):
         res = spec.resources or cfg.cpu_stages
-        common = dict(batch_format="pyarrow", batch_size=res.batch_size, num_cpus=res.num_cpus,
-                      num_gpus=res.num_gpus or None, zero_copy_batch=True)
-        if res.custom_resources:
-            common["resources"] = dict(res.custom_resources)
-        if res.accelerator_type:
-            common["accelerator_type"] = res.accelerator_type
+        common = dict(batch_format="pyarrow", batch_size=res.batch_size, zero_copy_batch=True,
+                      **ray_remote_args(res))
         if spec.actors:
             ds = ds.map_batches(
                 ArrowStage,
@@ -314,13 +311,29 @@ def lineage(cfg: PrepConfig) -> dict[str, Any]:
             "work_dir": str(cfg.work_dir)}
 
 
+def work_store_size(cfg: PrepConfig) -> int:
+    """Distinct rows in the work store (one per clip / rejected video, as a version holds)."""
+    cols = ["clip_id", "video_id", "source_uri"]
+    keys: set[str] = set()
+    for sub in (CLIPS_DIR, REJECTS_DIR):
+        table = read_parts(cfg.work_dir / sub, cols)
+        keys.update(row_key(*row) for row in zip(*(table.column(c).to_pylist() for c in cols),
+                                                 strict=True))
+    return len(keys)
+
+
 def unchanged_latest(cfg: PrepConfig, added_rows: int) -> DatasetVersion | None:
-    """The latest version, if publishing now would reproduce it (nothing new, same filter)."""
+    """The latest version, if publishing now would reproduce it: nothing new this run, the
+    same filter, and built from every row of the work store. The last check matters after a
+    run that crashed between writing rows and publishing: the rerun adds nothing, yet the
+    crashed run's rows are not in ``latest`` and must be published now."""
     if added_rows or latest_version(cfg.dataset_root) is None:
         return None
     latest = open_version(cfg.dataset_root)
-    same = latest.manifest["lineage"].get("filter") == to_dict(cfg.filter)
-    return latest if same else None
+    lineage_ = latest.manifest["lineage"]
+    same = lineage_.get("filter") == to_dict(cfg.filter)
+    covers = work_store_size(cfg) == int(lineage_["kept"]) + int(lineage_["rejected"])
+    return latest if same and covers else None
 
 
 def log_version_to_mlflow(cfg: PrepConfig, version: DatasetVersion,

@@ -86,11 +86,17 @@ def shard_to_row(shard: dict) -> dict:
     return row
 
 
+def row_key(clip_id: str | None, video_id: str | None, source_uri: str | None) -> str:
+    """The identity of a row in the work store and in a version: its clip, or for a
+    whole-video reject (no clip) the video."""
+    return clip_id or f"video:{video_id}:{source_uri}"
+
+
 def dedupe(rows: list[dict]) -> list[dict]:
     """One row per clip (the last written wins); whole-video rejects keyed by video id."""
     by_key: dict[str, dict] = {}
     for r in rows:
-        by_key[r["clip_id"] or f"video:{r['video_id']}:{r['source_uri']}"] = r
+        by_key[row_key(r["clip_id"], r["video_id"], r["source_uri"])] = r
     return list(by_key.values())
 
 

@@ -620,6 +620,35 @@ def generate_corpus(out_dir: str | os.PathLike, num_videos: int, seed: int = 0,
     return write_manifest(rows, out)
 
 
+def write_benchmark_manifest(corpus_manifest: str | os.PathLike, out_path: str | os.PathLike,
+                             limit: int | None = None) -> Path:
+    """A generation benchmark from a generated corpus, SA-V-128 style: per valid video an
+    item with the video as reference (frame 0 is the input image), its caption, the manual
+    motion / object prompts and the GT masks, subset single-/multi-object. JSONL at
+    ``out_path`` (paths absolute, so the file works from any directory)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    corpus = Path(corpus_manifest)
+    rows = [r for r in pq.read_table(corpus).to_pylist() if not r["corrupt"]]
+    rows = rows[:limit] if limit is not None else rows
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = corpus.parent.resolve()
+    with out.open("w") as f:
+        for r in rows:
+            item = {"id": r["video_id"], "prompt": r["caption"],
+                    "reference_video": str(base / r["path"]),
+                    "subset": "single-object" if r["num_objects"] == 1 else "multi-object",
+                    "motion_prompt": r["motion_prompt"],
+                    "object_prompts": [{"name": o["name"], "prompt": o["prompt"]}
+                                       for o in r["object_prompts"]],
+                    "annotation": str(base / r["annotation"])}
+            f.write(json.dumps(item) + "\n")
+    return out
+
+
 __all__ = [
     "CORRUPT_KINDS",
     "FRAME_SIZES",
@@ -633,5 +662,6 @@ __all__ = [
     "make_spec",
     "render_video",
     "write_annotation",
+    "write_benchmark_manifest",
     "write_manifest",
 ]

@@ -9,28 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 ``CLIPModel`` (32 px images, 8 px patches) + its image processor."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    config = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32},
-                       crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
+# One tiny CLIP for both sides: data prep's omega score and the CLIPFrame metric load it through
+# the same code (ttm_ray.evaluation.clip_embed), so they share its builder too (same weights
+# for a seed as the copy that lived here; its text config also has in-vocabulary bos/eos ids).
+from ttm_ray.evaluation.tiny import build_tiny_clip
 
 # Every word the generated corpus uses in object names (colours, shapes), plus a few more.
 _WORDS = ["red", "green", "blue", "yellow", "orange", "purple", "cyan", "magenta", "white",
@@ -80,3 +62,6 @@ def build_tiny_grounding_dino(path: Path) -> Path:
     processor.save_pretrained(path)
     vocab.unlink()
     return path
+
+
+__all__ = ["build_tiny_clip", "build_tiny_grounding_dino"]

@@ -17,7 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("jobs.synth", "generate the quickstart corpus (mp4s, SA-V masks, manifest)"),
     "config": ("jobs.config", "show or validate a job config (`config show|validate FILE`)"),
     "prep": ("jobs.build_dataset", "build a dataset with the Ray Data curation pipeline"),
+    "rebuild": ("jobs.rebuild_dataset", "scheduled dataset rebuild: locked, incremental, retained"),
     "train": ("jobs.train", "train a TTM model on Ray Train + DeepSpeed ZeRO"),
+    "generate": ("jobs.generate", "two-stage image-to-video from exported models (or a "
+                                  "manifest on Ray Data)"),
+    "evaluate": ("jobs.evaluate", "generate a benchmark's items and score them (FVD, "
+                                  "CLIPFrame, ViCLIP-T/V, AD; Table 5 settings)"),
     "plan": ("jobs.plan", "capacity plans: `plan model|train --config FILE`"),
     "cluster": ("jobs.cluster", "cluster YAMLs and manifests: `cluster validate`"),
 }

@@ -21,7 +21,10 @@ from ttm_ray.config.schema import field_help
 KINDS: dict[str, str] = {
     "synth": "data_prep.config:SynthConfig",
     "prep": "data_prep.config:PrepConfig",
+    "rebuild": "data_prep.rebuild:RebuildConfig",
     "train": "ttm_ray.training.config:TrainConfig",
+    "generate": "jobs.inference_config:GenerateConfig",
+    "evaluate": "jobs.inference_config:EvaluateConfig",
 }
 
 

@@ -28,7 +28,7 @@ from data_prep.engines.base import (
     isolate_failures,
 )
 from data_prep.engines.config import EngineConfig
-from data_prep.resources import StageResources
+from ttm_ray.config.resources import StageResources
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,16 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
 from data_prep.rows import is_rejected, reject
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import InputNotReadable, VideoReadError, read_frames
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +99,16 @@ class GroundingConfig:
         return path
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else unchanged."""
-    import torch
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given.
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    The rule is :func:`ttm_ray.evaluation.weights.resolve_device` (one place decides what
+    ``auto`` means for every model of the project), imported on call: importing this module
+    (and ``segment``, which uses this) must not import torch into the pipeline's CPU workers.
+    """
+    from ttm_ray.evaluation.weights import resolve_device as resolve
+
+    return resolve(device)
 
 
 def phrase(name: str) -> str:
@@ -218,7 +224,7 @@ class GroundingStage:
         self.cfg = cfg
         path = cfg.require_model_path()
         self.model_name = cfg.model_name or path.resolve().name
-        self.device = torch.device(resolve_device(cfg.device))
+        self.device = resolve_device(cfg.device)
         self.dtype = getattr(torch, "float32" if cfg.dtype == "auto" else cfg.dtype)
         self.processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForZeroShotObjectDetection.from_pretrained(

@@ -15,7 +15,9 @@ centroid displacement per frame over the visible span, divided by the frame diag
 
 CLIP loads from a local folder (``clip_model_path``: a ``CLIPModel`` or
 ``CLIPVisionModelWithProjection`` checkpoint with its ``CLIPImageProcessor``); there is no
-model hub. Frames are decoded in chunks and shrunk right away, so a 128-frame 1080p clip never
+model hub. Loading and embedding are :mod:`ttm_ray.evaluation.clip_embed`'s (the CLIPFrame
+metric's code, re-exported here as ``load_clip``, ``ClipEmbedder``, ``temporal_consistency``).
+Frames are decoded in chunks and shrunk right away, so a 128-frame 1080p clip never
 sits in memory whole; embeddings of several clips share forward passes of ``batch_size``.
 Rejects: ``unreadable_input`` / ``unreadable_video`` (frames do not decode), ``stage_error``.
 """
@@ -23,22 +25,56 @@ Rejects: ``unreadable_input`` / ``unreadable_video`` (frames do not decode), ``s
 from __future__ import annotations
 
 import math
+import sys
 import traceback
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from data_prep.rows import is_rejected, reject
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import decode_mask
-from ttm_ray.dataset.video import InputNotReadable, Video, VideoReadError, resize_center_crop
+from ttm_ray.dataset.video import InputNotReadable, Video, VideoReadError
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ below provides them
+    from ttm_ray.evaluation.clip_embed import (
+        ClipEmbedder,
+        load_clip,
+        quiet_transformers,
+        temporal_consistency,
+    )
 
 STAGE = "score"
 CONFIG_KEY = "score"  # where ScoreConfig sits in the prep config (for error messages)
+
+# The CLIP side of the omega score is the CLIPFrame metric's code (one implementation of
+# "CLIP similarity of consecutive frames"), re-exported here under the names this stage has
+# always had. It is imported on first use, not with this module: ttm_ray.evaluation imports
+# torch, and the pipeline's CPU task workers import this module without ever needing torch
+# (they stay at ~250 MB instead of ~1 GB; benchmarks/results/prep_throughput_cpu.md).
+_SHARED_CLIP = ("ClipEmbedder", "load_clip", "quiet_transformers", "temporal_consistency")
+
+
+def __getattr__(name: str) -> Any:
+    """``score.load_clip`` etc. (PEP 562): :mod:`ttm_ray.evaluation.clip_embed`'s, imported on
+    first access and then kept as plain module attributes (so a test's ``monkeypatch`` of
+    ``score.load_clip`` replaces, and later restores, an ordinary attribute)."""
+    if name in _SHARED_CLIP:
+        from ttm_ray.evaluation import clip_embed
+
+        value = getattr(clip_embed, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _clip_api(name: str) -> Any:
+    """One of the shared CLIP functions, looked up through this module's namespace (a
+    monkeypatched ``score.load_clip`` is the one the stage calls)."""
+    return getattr(sys.modules[__name__], name)
 
 
 @dataclass
@@ -78,35 +114,7 @@ class ScoreConfig:
         return f"clip:{Path(self.clip_model_path or '').expanduser().resolve().name}"
 
 
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 # ----------------------------------------------------------------------------- pure scores
-def temporal_consistency(embeddings: Any) -> tuple[float | None, float | None]:
-    """``(min, mean)`` cosine similarity of consecutive rows of ``embeddings`` ``[T, D]``.
-
-    Fewer than two frames have no consecutive pair: ``(None, None)``.
-    """
-    e = np.asarray(embeddings, dtype=np.float64)
-    if e.ndim != 2:
-        raise ValueError(f"expected [T, D] embeddings, got shape {e.shape}")
-    if e.shape[0] < 2:
-        return None, None
-    # Zero vectors would divide by zero; they have no direction, so count them as dissimilar.
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    sims = (e[:-1] * e[1:]).sum(axis=1)
-    return float(sims.min()), float(sims.mean())
-
-
 def _centroid(mask: np.ndarray, area: int) -> tuple[float, float]:
     # Row/column sums instead of np.nonzero: no index arrays for large masks.
     ys = mask.sum(axis=1, dtype=np.int64)
@@ -177,92 +185,7 @@ def object_scores(row: dict) -> list[dict] | None:
     return out
 
 
-# ----------------------------------------------------------------------------- CLIP
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def load_clip(path: str | Path, device: str, dtype: str = "auto") -> tuple[Any, Any]:
-    """``(vision model with projection, image processor)`` from a local folder, in eval mode.
-
-    A full ``CLIPModel`` checkpoint loads only its vision tower: the vision config does not
-    carry the shared ``projection_dim``, so it is copied over (else the projection would be
-    re-initialised at the default 512 width, or refuse to load).
-    """
-    import torch
-    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type == "clip":
-        vision = config.vision_config
-        vision.projection_dim = config.projection_dim
-    elif config.model_type == "clip_vision_model":
-        vision = config
-    else:
-        raise ValueError(f"{path}: a CLIP checkpoint is needed, found model_type "
-                         f"{config.model_type!r}")
-    device = resolve_device(device)
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    # Loading the vision tower of a full CLIPModel leaves the text weights unused on purpose;
-    # transformers would print a table of them per worker, so hush it for this one load.
-    with quiet_transformers():
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            path, config=vision, dtype=getattr(torch, dtype), local_files_only=True)
-    processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-    return model.to(device).eval(), processor
-
-
-def _short_side(processor: Any) -> int:
-    """The side the processor resizes to (``shortest_edge``, else its largest target side)."""
-    size = processor.size
-    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
-    short = get("shortest_edge")
-    if short:
-        return int(short)
-    return int(max(get("height") or 0, get("width") or 0)) or 224
-
-
-class ClipEmbedder:
-    """Frames -> L2-normalised CLIP image embeddings, ``float32 [N, D]`` numpy."""
-
-    def __init__(self, model: Any, processor: Any) -> None:
-        self.model, self.processor = model, processor
-        self.short = _short_side(processor)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-
-    def shrink(self, frames: np.ndarray) -> np.ndarray:
-        """Downscale (aspect kept) so the shorter side is the processor's resize target.
-
-        The processor then only crops and normalises: the same geometry as letting it resize,
-        but an antialiased torch resize instead of resizing 1080p frames in the processor, and
-        a chunk of small frames is all that is kept per clip.
-        """
-        h, w = frames.shape[1:3]
-        if min(h, w) <= self.short:
-            return frames
-        scale = self.short / min(h, w)
-        return resize_center_crop(frames, max(self.short, round(h * scale)),
-                                  max(self.short, round(w * scale)))
-
-    def pixels(self, frames: np.ndarray) -> Any:
-        return self.processor(images=list(self.shrink(frames)), return_tensors="pt")[
-            "pixel_values"]
-
-    def embed(self, pixel_values: Any) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(pixel_values=pixel_values.to(self.device, self.dtype))
-            emb = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-        return emb.cpu().numpy()
-
-
+# ----------------------------------------------------------------------------- frames
 def iter_frames(row: dict, chunk: int) -> Iterator[np.ndarray]:
     """The clip's sampled frames (source resolution), ``chunk`` frames at a time."""
     indices = [int(i) for i in row.get("frame_indices") or []]
@@ -279,7 +202,8 @@ class ScoreStage:
         self.embedder: ClipEmbedder | None = None
         if self.cfg.enabled and self.cfg.temporal:
             path = self.cfg.require_model_path()
-            self.embedder = ClipEmbedder(*load_clip(path, self.cfg.device, self.cfg.dtype))
+            load_clip, embedder = _clip_api("load_clip"), _clip_api("ClipEmbedder")
+            self.embedder = embedder(*load_clip(path, self.cfg.device, self.cfg.dtype))
             self.model_name = self.cfg.score_model()
 
     def __call__(self, rows: list[dict]) -> list[dict]:
@@ -312,10 +236,13 @@ class ScoreStage:
                 if not is_rejected(row) and not is_rejected(out[k]):
                     out[k] = reject(out[k], STAGE, "stage_error", exc.detail)
             return out
-        for k in todo:
-            lo, mean = temporal_consistency(batcher.result(k))  # type: ignore[union-attr]
-            out[k] = dict(out[k], score_temporal_min=lo, score_temporal_mean=mean,
-                          score_model=self.model_name)
+        if todo:  # rows waiting for embeddings imply a batcher (and torch already loaded)
+            assert batcher is not None
+            consistency = _clip_api("temporal_consistency")
+            for k in todo:
+                lo, mean = consistency(batcher.result(k))
+                out[k] = dict(out[k], score_temporal_min=lo, score_temporal_mean=mean,
+                              score_model=self.model_name)
         return out
 
 
@@ -378,4 +305,4 @@ class _Batcher:
 
 
 __all__ = ["ClipEmbedder", "ScoreConfig", "ScoreStage", "load_clip", "object_scores",
-           "temporal_consistency", "trajectory_scores"]
+           "quiet_transformers", "temporal_consistency", "trajectory_scores"]

@@ -28,8 +28,8 @@ from data_prep.engines.vllm_engine import (
     vllm_llm_kwargs,
     vllm_messages,
 )
-from data_prep.resources import StageResources
 from ttm_ray.config import ConfigError, from_dict
+from ttm_ray.config.resources import StageResources
 
 
 def _image(h: int = 40, w: int = 120, seed: int = 0) -> np.ndarray:

@@ -156,3 +156,46 @@ def downsample_token_ids(
         count = _block_sum((ids == obj).to(torch.int32), fac)
         out[count >= threshold * volume - 1e-6 * volume] = obj
     return out[0] if unbatched else out
+
+
+def masks_by_colour(masks: Sequence[np.ndarray], color_indices: Sequence[int]) -> np.ndarray:
+    """Per-object ``[T, H, W]`` masks -> ``bool [K, T, H, W]`` where slot ``k`` is the object of
+    colour index ``k`` (empty when no object has it): the layout :func:`token_object_ids` and
+    the trajectory renderer agree on."""
+    if not masks:
+        raise ValueError("no object masks")
+    t, h, w = np.asarray(masks[0]).shape
+    slots = np.zeros((max(int(i) for i in color_indices) + 1, t, h, w), dtype=bool)
+    for m, k in zip(masks, color_indices, strict=True):
+        slots[int(k)] = np.asarray(m, dtype=bool)
+    return slots
+
+
+def align_to_latent_time(slots: np.ndarray, time_factor: int = 1, causal: bool = False
+                         ) -> np.ndarray:
+    """Pixel-frame masks ``[K, T, H, W]`` -> frames that group evenly into latent frames.
+
+    A causal video autoencoder encodes frame 0 alone and every later ``time_factor`` frames
+    together (``1 + 8n`` pixel frames -> ``1 + n`` latents): frame 0 is repeated
+    ``time_factor`` times so every latent frame then covers exactly ``time_factor`` frames.
+    """
+    if causal and time_factor > 1 and slots.shape[1] > 1:
+        head = np.repeat(slots[:, :1], time_factor - 1, axis=1)
+        return np.concatenate([head, slots], axis=1)
+    return slots
+
+
+def trajectory_token_ids(
+    masks: Sequence[np.ndarray],
+    color_indices: Sequence[int],
+    grid: Sequence[int],
+    *,
+    time_factor: int = 1,
+    causal: bool = False,
+    rule: Rule = "area",
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """A clip's object masks (pixel frames) -> token ids ``long [t, h, w]`` on ``grid``: what
+    training and inference both feed stage 2's masked attention."""
+    slots = align_to_latent_time(masks_by_colour(masks, color_indices), time_factor, causal)
+    return token_object_ids(slots, grid, rule=rule, threshold=threshold)

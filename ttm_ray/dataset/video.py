@@ -198,8 +198,25 @@ def local_video_path(uri: str) -> str:
 
 
 # ----------------------------------------------------------------------------- decoding
+#: Still images open as one-frame videos (fps 1), so an image flows through every stage and
+#: reader that takes a video (two-stage inference starts from one image).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def is_image(uri: str) -> bool:
+    return urlsplit(str(uri)).path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.ascontiguousarray(np.asarray(im.convert("RGB")), dtype=np.uint8)
+
+
 class Video:
     """An open video (one decord reader), so a probe and several reads share one open.
+    Still images (:data:`IMAGE_SUFFIXES`) open as one-frame videos at 1 fps.
 
     decord indexes every packet when it opens a file, so a truncated file opens with the
     frames actually present (or fails to open); opening costs one pass over the file.
@@ -222,6 +239,15 @@ class Video:
                 raise PermissionError(f"permission denied: {self._path}")
         except (OSError, ValueError, ImportError) as exc:  # ImportError: fsspec lacks the driver
             raise InputNotReadable(self.uri, f"{type(exc).__name__}: {exc}") from exc
+        self._still: np.ndarray | None = None
+        if is_image(self.uri):
+            try:
+                self._still = _read_image(self._path)[None]
+            except Exception as exc:  # PIL.UnidentifiedImageError, truncated files
+                raise VideoReadError(self.uri, f"cannot decode image: {_short(exc)}") from exc
+            self.info = VideoInfo(fps=1.0, num_frames=1, height=self._still.shape[1],
+                                  width=self._still.shape[2])
+            return
         try:
             self._vr = self._open()
             num_frames = len(self._vr)
@@ -241,6 +267,8 @@ class Video:
         return decord.VideoReader(self._path, ctx=decord.cpu(0), num_threads=self._num_threads)
 
     def _decode(self, idx: list[int], what: str) -> np.ndarray:
+        if self._still is not None:
+            return self._still[idx]
         error: BaseException | None = None
         for _ in range(2):
             try:
@@ -265,7 +293,7 @@ class Video:
         return self._decode(idx, "cannot decode frames")
 
     def close(self) -> None:
-        self._vr, self._path = None, None
+        self._vr, self._path, self._still = None, None, None
 
     def __enter__(self) -> Video:
         return self
@@ -419,6 +447,7 @@ __all__ = [
     "VideoReadError",
     "crop_box",
     "filesystem",
+    "is_image",
     "is_local",
     "local_path",
     "local_video_path",

@@ -7,7 +7,7 @@ branching on the model family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ttm_ray.config.schema import constrained
@@ -37,3 +37,18 @@ class DiffusionConfig:
         if self.objective == "ddim":
             return self.ddim.build()
         return self.flow_matching.build()
+
+    def with_sampling(self, steps: int | None = None, scale_visual: float | None = None,
+                      scale_text: float | None = None) -> DiffusionConfig:
+        """A copy with the sampler's step count and the guidance scales changed (None keeps
+        the current value); training dropout is untouched. Previews and inference use it."""
+        out = self
+        if steps is not None:
+            out = replace(out, flow_matching=replace(out.flow_matching, num_steps=steps),
+                          ddim=replace(out.ddim, num_inference_steps=steps))
+        changes = {k: v for k, v in (("scale_visual", scale_visual),
+                                     ("scale_text", scale_text)) if v is not None}
+        if changes:
+            out = replace(out, guidance=replace(out.guidance, **changes))
+        return out
+

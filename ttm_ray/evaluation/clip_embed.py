@@ -2,9 +2,9 @@
 
 One implementation for both consumers of "CLIP similarity of consecutive frames": the
 CLIPFrame metric here and data prep's temporal (omega) score, which thresholds the minimum of
-the same similarities (``data_prep/stages/score.py`` carries the same functions today and is
-meant to import these instead: ``load_clip``, ``ClipEmbedder``, ``temporal_consistency``,
-``quiet_transformers``, with the same signatures).
+the same similarities (``data_prep/stages/score.py`` re-exports ``load_clip``,
+``ClipEmbedder``, ``temporal_consistency`` and ``quiet_transformers`` from here, importing
+this module lazily; keep their signatures stable for it).
 
 CLIP loads from a local folder: a ``CLIPModel`` or ``CLIPVisionModelWithProjection``
 checkpoint with its ``CLIPImageProcessor``. Only the vision tower is loaded.

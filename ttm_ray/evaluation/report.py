@@ -78,7 +78,7 @@ class EvaluationResults:
         return out
 
 
-def _fmt(metric: str, value: Any) -> str:
+def format_value(metric: str, value: Any) -> str:
     if value is None:
         return "–"
     return f"{value:.{_DECIMALS.get(metric, 3)}f}"
@@ -128,7 +128,7 @@ def to_markdown(results: EvaluationResults) -> str:
             if row["subset"] != subset:
                 continue
             has_refs |= row["source"] != THIS_RUN
-            cells = " | ".join(_fmt(m, row[m]) for m in results.metrics)
+            cells = " | ".join(format_value(m, row[m]) for m in results.metrics)
             lines.append(f"| {row['source']} | {cells} |")
         lines.append("")
     if has_refs:

@@ -29,7 +29,8 @@ def _seeded(seed: int, make: Callable[[], Any]) -> Any:
 
 def build_tiny_clip(path: str | Path, seed: int = 0) -> Path:
     """A 2-layer, hidden-32 ``CLIPModel`` (32 px images, 8 px patches, 16-d projection) + its
-    ``CLIPImageProcessor`` in ``path`` (the image side is all CLIPFrame needs)."""
+    ``CLIPImageProcessor`` in ``path`` (the image side is all CLIPFrame and data prep's omega
+    score need; ``data_prep.tiny_models`` re-exports this builder)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     path = Path(path)

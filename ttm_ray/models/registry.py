@@ -67,6 +67,15 @@ def resolve_family_config(cfg: ModelConfig) -> Any:
     return family.config_from(cfg)
 
 
+def token_grid(cfg: ModelConfig) -> tuple[int, int, int]:
+    """The model's token grid ``(t, h, w)`` over its latent grid: the family's ``patch`` (the
+    DiT's patchify) divides it; families without one (the U-Net) attend on the latent grid.
+    Stage-2 ``token_ids`` live on this grid."""
+    patch = getattr(resolve_family_config(cfg), "patch", (1, 1, 1))
+    pt, ph, pw = (int(p) for p in patch)
+    return cfg.num_frames // pt, cfg.height // ph, cfg.width // pw
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
     """Build the denoiser of ``cfg`` (family, size, stage, overrides) and load ``init_from``.
 

@@ -22,23 +22,23 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ttm_ray.conditioning.batch import ModelConditioning
-from ttm_ray.config import dump_yaml, from_dict, to_dict
-from ttm_ray.models import ModelConfig, build_model
+from ttm_ray.models.export import load_exported, write_export
 from ttm_ray.training.data import DataPosition
+
+if TYPE_CHECKING:
+    from ttm_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 TAG = "ds"  # DeepSpeed's sub-folder; fixed so a checkpoint folder needs no 'latest' lookup
 META = "meta.json"
 PROBE = "probe.safetensors"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "model.yaml"
 _COND_FIELDS = ("visual", "text", "text_mask", "local_text", "local_text_ids", "token_ids")
 
 
@@ -205,30 +205,15 @@ class Probe:
 
 
 # ---------------------------------------------------------------------------- export
-def export_weights(checkpoint_dir: str | Path, out_dir: str | Path, model_cfg: ModelConfig
-                   ) -> Path:
-    """Consolidate a (ZeRO-2 or ZeRO-3) checkpoint into ``model.safetensors`` (fp32 master
-    weights) + ``model.yaml``, loadable with :func:`load_exported` / ``build_model``."""
+def export_weights(checkpoint_dir: str | Path, out_dir: str | Path, cfg: TrainConfig,
+                   info: dict[str, Any] | None = None) -> Path:
+    """Consolidate a (ZeRO-2 or ZeRO-3) checkpoint into an export folder
+    (:mod:`ttm_ray.models.export`: fp32 weights, the model, encoder and diffusion configs)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / EXPORT_WEIGHTS))
-    export_cfg = from_dict(ModelConfig, {**to_dict(model_cfg), "init_from": None})
-    (out / EXPORT_CONFIG).write_text(dump_yaml(export_cfg))
-    return out
-
-
-def load_exported(export_dir: str | Path, device: torch.device | str | None = None
-                  ) -> torch.nn.Module:
-    """The exported model, built from its own config with ``init_from`` = the export."""
-    import yaml
-
-    data = yaml.safe_load((Path(export_dir) / EXPORT_CONFIG).read_text())
-    cfg = from_dict(ModelConfig, {**data, "init_from": str(export_dir)})
-    return build_model(cfg, device=device).eval()
+    return write_export(out_dir, state, cfg.model, encoders=cfg.encoders,
+                        diffusion=cfg.diffusion, info=info)
 
 
 def verify_export(export_dir: str | Path, probe: Probe, atol: float) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ttm_ray.conditioning.masks import token_object_ids
+from ttm_ray.conditioning.masks import trajectory_token_ids
 from ttm_ray.conditioning.trajectory import masks_from_rle, render_trajectory
 from ttm_ray.dataset.versions import DatasetVersion
 from ttm_ray.dataset.video import VideoReadError, read_frames, resize_center_crop
@@ -200,22 +200,6 @@ def _check_row(row: dict[str, Any], spec: ClipSpec) -> None:
             raise BadClipError(clip_id, f"empty local prompt for object(s) {empty}")
 
 
-def aligned_masks(masks: list[np.ndarray], color_indices: list[int], spec: ClipSpec
-                  ) -> np.ndarray:
-    """Per-object masks -> ``bool [K, T*, H, W]`` indexed by colour index (slot ``k`` is object
-    ``k``, empty when absent), with time aligned to latent frames: a causal autoencoder
-    encodes frame 0 alone, so frame 0 is repeated ``time_factor`` times and every latent frame
-    then covers exactly ``time_factor`` pixel frames."""
-    t, h, w = masks[0].shape
-    slots = np.zeros((max(color_indices) + 1, t, h, w), dtype=bool)
-    for m, k in zip(masks, color_indices, strict=True):
-        slots[k] = m
-    if spec.causal and spec.time_factor > 1 and t > 1:
-        head = np.repeat(slots[:, :1], spec.time_factor - 1, axis=1)
-        slots = np.concatenate([head, slots], axis=1)
-    return slots
-
-
 def prepare_clip(row: dict[str, Any], spec: ClipSpec) -> Clip:
     """Decode, render and check one row (CPU only). Raises :class:`BadClipError`."""
     _check_row(row, spec)
@@ -237,8 +221,9 @@ def prepare_clip(row: dict[str, Any], spec: ClipSpec) -> Clip:
         if spec.token_grid is None:
             raise ValueError("ClipSpec.token_grid is required for stage 2")
         try:
-            ids = token_object_ids(aligned_masks(masks, indices, spec), spec.token_grid,
-                                   rule=spec.mask_rule, threshold=spec.mask_threshold)
+            ids = trajectory_token_ids(masks, indices, spec.token_grid,
+                                       time_factor=spec.time_factor, causal=spec.causal,
+                                       rule=spec.mask_rule, threshold=spec.mask_threshold)
         except ValueError as exc:
             raise BadClipError(clip_id, f"token ids: {exc}") from exc
         token_ids = ids.numpy()
@@ -252,5 +237,5 @@ def prepare_clip(row: dict[str, Any], spec: ClipSpec) -> Clip:
     )
 
 
-__all__ = ["COLUMNS", "BadClipError", "Clip", "ClipSpec", "RowReader", "aligned_masks",
+__all__ = ["COLUMNS", "BadClipError", "Clip", "ClipSpec", "RowReader",
            "clip_frames", "decode_clip_bytes", "prepare_clip"]

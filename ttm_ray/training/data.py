@@ -6,20 +6,14 @@ Three parts, one job each:
   ``(seed, epoch)``, cut into global steps and then into each rank's micro batches. The
   position (epoch, step) is all a checkpoint needs to continue with the next unseen batch,
   mid-epoch (Ray Data cannot resume mid-epoch, so training keeps its own position).
-* :class:`Encoders` (:class:`EncodersConfig`): the frozen autoencoder and text encoder, on the
-  worker's device.
 * :class:`TrainingData`: rows of a published dataset version -> ``(x_data, ModelConditioning)``.
   Decoding and rendering are CPU work per clip (:mod:`ttm_ray.training.clips`, on a small
   thread pool, optionally ahead of time with :meth:`TrainingData.prefetch`); encoding runs on
   the worker's device.
 
-What each stage trains on (``method_notes.md``):
-
-* stage 1 (image-to-motion): target = E(trajectory video s); visual = [E(x0) | E(s0) | given]
-  at latent frame 0; text = c_motion.
-* stage 2 (motion-to-video): target = E(video x); visual = [E(x0) @ frame 0 | E(s) | given];
-  text = caption; local_text / local_text_ids = every object's c_local prompt, tagged with its
-  colour index; token_ids = the trajectory masks on the model's token grid.
+Targets: stage 1 (image-to-motion) learns E(trajectory video s), stage 2 (motion-to-video)
+E(video x). The conditions are assembled by :meth:`Encoders.conditions`
+(:mod:`ttm_ray.conditioning.encoders`), the same call two-stage inference makes.
 
 Sizes come from the model config: pixel frames/size = ``autoencoder.pixel_shape`` of the
 model's latent grid, unless ``data.frames/height/width`` say otherwise (then they must encode
@@ -32,19 +26,23 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ttm_ray.conditioning.autoencoders import Autoencoder, AutoencoderConfig
 from ttm_ray.conditioning.batch import ModelConditioning
-from ttm_ray.conditioning.layout import build_visual
-from ttm_ray.conditioning.text_encoders import TextEncoder, TextEncoderConfig
+from ttm_ray.conditioning.encoders import (
+    Encoders,
+    EncodersConfig,
+    LocalTextConfig,
+    to_model_video,
+)
 from ttm_ray.config import constrained
 from ttm_ray.dataset.versions import open_version
 from ttm_ray.models.config import ModelConfig
+from ttm_ray.models.registry import token_grid
 from ttm_ray.training.clips import BadClipError, Clip, ClipSpec, RowReader, prepare_clip
 
 
@@ -162,47 +160,7 @@ class ShardedSampler:
         return [[int(i) for i in micro] for micro in self.global_indices(position)[:, self.rank]]
 
 
-# ----------------------------------------------------------------------------- encoders
-@dataclass
-class EncodersConfig:
-    """Section ``encoders:``: the frozen autoencoder and text encoder of a run."""
-
-    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-
-    def build(self, device: torch.device | str | None = None) -> Encoders:
-        return Encoders(self.autoencoder.build(device), self.text_encoder.build(device))
-
-
-class Encoders:
-    """The frozen encoders on one device (neither stage trains them)."""
-
-    def __init__(self, autoencoder: Autoencoder, text: TextEncoder) -> None:
-        self.autoencoder = autoencoder
-        self.text = text
-
-    def null_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty prompt's ``(emb [batch, L, D], mask [batch, L])``: dropped text in
-        training, the unconditional branch of guidance."""
-        return self.text.null(batch)
-
-
 # ----------------------------------------------------------------------------- the data
-def _token_patch(model_cfg: ModelConfig) -> tuple[int, int, int]:
-    """Latent -> token grid factor of the model: the family config's ``patch`` (the DiT's
-    patchify), or ``(1, 1, 1)`` for families whose token grid is the latent grid (U-Net)."""
-    from ttm_ray.models import resolve_family_config
-
-    patch = getattr(resolve_family_config(model_cfg), "patch", (1, 1, 1))
-    return tuple(int(p) for p in patch)  # type: ignore[return-value]
-
-
-def _to_video(frames: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` per clip -> float ``[B, 3, T, H, W]`` in [-1, 1] on ``device``."""
-    x = torch.from_numpy(np.stack(frames)).to(device)
-    return x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
-
-
 class TrainingData:
     """Rows of one dataset version -> encoded training batches, on one worker.
 
@@ -245,8 +203,7 @@ class TrainingData:
             raise ValueError(f"data {frames}x{height}x{width} (frames x height x width) encodes "
                              f"to a latent {list(latent)}, the model takes {list(want)} "
                              "[C, T, H, W]: fix data.frames/height/width or the model's grid")
-        pt, ph, pw = _token_patch(m)
-        grid = (m.num_frames // pt, m.height // ph, m.width // pw)
+        grid = token_grid(m)
         return ClipSpec(stage=self.stage, frames=frames, height=height, width=width,
                         time_factor=ae.factors[0], causal=ae.causal,
                         token_grid=grid if self.stage == 2 else None,
@@ -300,10 +257,9 @@ class TrainingData:
     @torch.no_grad()
     def encode(self, clips: Sequence[Clip]) -> tuple[torch.Tensor, ModelConditioning]:
         """Encode prepared clips on the worker's device (see the module docstring)."""
-        ae, text = self.encoders.autoencoder, self.encoders.text
-        names = [c.clip_id for c in clips]  # the text encoder's errors name the clip
-        video = _to_video([c.frames for c in clips], self.device)
-        trajectory = _to_video([c.trajectory for c in clips], self.device)
+        ae = self.encoders.autoencoder
+        video = to_model_video([c.frames for c in clips], self.device)
+        trajectory = to_model_video([c.trajectory for c in clips], self.device)
         b = len(clips)
         # One autoencoder call per shape: the first frames of both videos, then the videos.
         x0, s0 = ae.encode_image(torch.cat([video[:, :, :1], trajectory[:, :, :1]])
@@ -312,17 +268,14 @@ class TrainingData:
             x_data, s = ae.encode(trajectory).float(), s0
         else:
             x_data, s = ae.encode(torch.cat([video, trajectory])).float().split(b)
-        visual = build_visual(self.stage, x0, s, self.model_cfg.num_frames)
-        emb, mask = text.encode([c.prompt for c in clips], names=[f"clip {n!r}" for n in names])
-        cond = ModelConditioning(visual=visual, text=emb.float(), text_mask=mask.bool())
-        if self.stage == 2:
-            local, local_ids = text.encode_local(
-                [c.local_prompts for c in clips], [c.local_ids for c in clips],
-                max_tokens_per_object=self.cfg.local_tokens_per_object,
-                num_tokens=self.cfg.local_tokens)
-            ids = torch.from_numpy(np.stack([c.token_ids for c in clips])).to(self.device)
-            cond = cond.replace(local_text=local.float(), local_text_ids=local_ids.long(),
-                                token_ids=ids.long())
+        token_ids = (torch.from_numpy(np.stack([c.token_ids for c in clips]))
+                     if self.stage == 2 else None)
+        cond = self.encoders.conditions(
+            self.stage, self.model_cfg.num_frames, x0, s, [c.prompt for c in clips],
+            local_prompts=[c.local_prompts for c in clips],
+            local_ids=[c.local_ids for c in clips], token_ids=token_ids,
+            local=LocalTextConfig(self.cfg.local_tokens_per_object, self.cfg.local_tokens),
+            names=[f"clip {c.clip_id!r}" for c in clips])
         return x_data, cond
 
     # ------------------------------------------------------------------ validation

@@ -34,7 +34,7 @@ from ttm_ray.training.checkpoint import (
 from ttm_ray.training.config import TrainConfig
 from ttm_ray.training.data import ShardedSampler, TrainingData
 from ttm_ray.training.deepspeed_config import deepspeed_config, warmup_factor
-from ttm_ray.training.mlflow_logging import Tracker, model_cost, preview_config, preview_frames
+from ttm_ray.training.mlflow_logging import Tracker, model_cost, preview_frames
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def train_worker(config: dict[str, Any]) -> None:
     tracker = Tracker(cfg, job.mlflow_run_id, log_params=checkpoint is None,
                       tokens_per_sample=tokens_per_sample, flops_per_sample=flops_per_sample)
     meta = {"dataset_version": job.dataset_version, "config_hash": job.config_hash,
-            "mlflow_run_id": job.mlflow_run_id, "world_size": world}
+            "mlflow_run_id": job.mlflow_run_id, "world_size": world,
+            # what a clip of this model is in pixels (inference reads it from the export)
+            "pixel_shape": list(data.pixel_shape)}
     model_fn = engine_fn(engine)
     max_steps = cfg.optim.max_steps
 
@@ -211,7 +213,7 @@ def preview(engine: Any, model_fn: ModelFn, cfg: TrainConfig, data: TrainingData
     """Sample the fixed validation clip with the current weights; rank 0 logs a GIF of the
     target next to the sample. A fixed generator keeps the loop's own RNG untouched."""
     x, cond, _ = data.validation_sample()
-    sampler = preview_config(cfg.diffusion, cfg.logging.sample_steps).build()
+    sampler = cfg.diffusion.with_sampling(cfg.logging.sample_steps).build()
     engine.eval()
     with torch.no_grad():
         latent = sampler.sample(model_fn, tuple(x.shape), cond,

@@ -18,9 +18,8 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -155,10 +154,3 @@ def write_gif(frames: torch.Tensor, path: Path, fps: int = 8) -> None:
     images = [Image.fromarray(f.numpy()) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps),
                    loop=0)
-
-
-def preview_config(diffusion: Any, steps: int) -> Any:
-    """The run's diffusion config with the sampler shortened to ``steps`` (previews only)."""
-    return replace(diffusion,
-                   flow_matching=replace(diffusion.flow_matching, num_steps=steps),
-                   ddim=replace(diffusion.ddim, num_inference_steps=steps))

@@ -22,7 +22,15 @@ from typing import Any
 
 from ttm_ray.config import ConfigError, config_hash, to_dict, write_effective_config
 from ttm_ray.dataset.versions import DatasetVersionError, open_version
-from ttm_ray.training.checkpoint import PROBE, Probe, export_weights, latest_meta, verify_export
+from ttm_ray.tracking import code_version
+from ttm_ray.training.checkpoint import (
+    PROBE,
+    Probe,
+    export_weights,
+    latest_meta,
+    read_meta,
+    verify_export,
+)
 from ttm_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +56,36 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     if "://" not in data.dataset_root:
         data = replace(data, dataset_root=str(Path(data.dataset_root).resolve()))
     checkpoint = replace(cfg.checkpoint, storage_path=cfg.checkpoint.resolved_storage(run))
-    return replace(cfg, run=run, data=data, checkpoint=checkpoint)
+    enc = cfg.encoders
+    encoders = replace(enc, autoencoder=replace(enc.autoencoder,
+                                                path=absolute(enc.autoencoder.path)),
+                       text_encoder=replace(enc.text_encoder,
+                                            path=absolute(enc.text_encoder.path),
+                                            tokenizer_path=absolute(enc.text_encoder.tokenizer_path)))
+    model = replace(cfg.model, init_from=absolute(cfg.model.init_from))
+    return replace(cfg, run=run, data=data, checkpoint=checkpoint, encoders=encoders,
+                   model=model)
+
+
+def absolute(path: str | None) -> str | None:
+    """A relative local path against the driver's working dir (Ray workers run elsewhere);
+    absolute paths and URIs are what every node sees and stay as they are."""
+    if not path or "://" in path or Path(path).is_absolute():
+        return path
+    return str(Path(path).resolve())
+
+
+def missing_paths(cfg: TrainConfig) -> list[str]:
+    """Model/encoder folders given as relative paths that do not exist here: a worker could
+    never find them, so the run is refused before any worker starts (absolute paths may live
+    only on the training nodes and are checked there)."""
+    raw = {"encoders.text_encoder.path": cfg.encoders.text_encoder.path,
+           "encoders.autoencoder.path": cfg.encoders.autoencoder.path,
+           "model.init_from": cfg.model.init_from}
+    return [f"{key}: {path} does not exist (relative to {Path.cwd()})"
+            for key, path in raw.items()
+            if path and "://" not in path and not Path(path).is_absolute()
+            and not Path(path).exists()]
 
 
 def preflight(cfg: TrainConfig) -> Preflight:
@@ -123,6 +160,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from ttm_ray.training.mlflow_logging import resolve_run
 
     start = time.perf_counter()
+    missing = missing_paths(cfg)
+    if missing:
+        raise ConfigError(missing)
     cfg = resolve_paths(cfg)
     pre = preflight(cfg)  # before Ray: a bad config never costs a cluster
     write_effective_config(cfg, cfg.out_dir)
@@ -149,7 +189,13 @@ def export(cfg: TrainConfig, checkpoint: Any) -> dict[str, Any]:
     against the probe the last checkpoint carries (when ``checkpoint.verify_export``)."""
     out: dict[str, Any] = {}
     with checkpoint.as_directory() as folder:
-        export_dir = export_weights(folder, cfg.out_dir / "export", cfg.model)
+        meta = read_meta(folder)
+        info = {"run_name": cfg.run.name, "step": meta.get("step"),
+                "dataset_version": meta.get("dataset_version"),
+                "mlflow_run_id": meta.get("mlflow_run_id"), "config_hash": config_hash(cfg),
+                "pixel_shape": meta.get("pixel_shape"),
+                "code_version": code_version()}
+        export_dir = export_weights(folder, cfg.out_dir / "export", cfg, info)
         out["export"] = str(export_dir)
         probe = Path(folder) / PROBE
         if cfg.checkpoint.verify_export and probe.is_file():

@@ -1,10 +1,15 @@
-"""Where a stage runs on Ray: the one place placement is configured (``resources.<stage>``)."""
+"""Where a Ray stage runs: batch size, CPUs/GPUs, actor pool bounds, node-group pinning.
+
+Shared by data prep's stages (``resources.<stage>``) and batch generation
+(``resources.annotate`` / ``resources.generate``), so placement reads the same in every job
+and ``ttm-ray cluster validate`` finds custom resources in one shape.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ttm_ray.config import constrained
+from ttm_ray.config.schema import constrained
 
 
 @dataclass
@@ -26,3 +31,16 @@ class StageResources:
     def validate(self) -> None:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+
+
+def ray_remote_args(res: StageResources) -> dict:
+    """``num_cpus`` / ``num_gpus`` / ``resources`` / ``accelerator_type`` for Ray Data's
+    ``map_batches`` (or ``ray.remote``) from one stage's placement."""
+    args: dict = {"num_cpus": res.num_cpus}
+    if res.num_gpus:
+        args["num_gpus"] = res.num_gpus
+    if res.custom_resources:
+        args["resources"] = dict(res.custom_resources)
+    if res.accelerator_type:
+        args["accelerator_type"] = res.accelerator_type
+    return args

@@ -1,0 +1,171 @@
+"""Generate videos with the two TTM stages from exported models.
+
+One image:   the front-end (data prep's LLM prompt stage, Grounding DINO + SAM2, or a given
+trajectory) gives c_motion, c_local and s0; stage 1 samples the mask trajectory; stage 2 the
+video. Writes <out>/<variant>/<id>/{video,trajectory,overlay}.mp4, first_frame.png and
+generation.json (prompts, seed, steps, guidance scales, model versions).
+
+A manifest:  the same for every item on Ray Data actor pools (resources.annotate /
+resources.generate), resumable: finished items are skipped on a rerun, failures are
+recorded in <out>/failures.jsonl with their reason and the run goes on.
+
+    ttm-ray generate --config jobs/configs/generate/quickstart.yaml \\
+        --image cat.png --prompt "a cat jumps onto the sofa" \\
+        --stage1 runs/dit-stage1/export --stage2 runs/dit-stage2/export
+    ttm-ray generate ... --motion-prompt "jumps up" --object "cat=a cat jumping"   # no LLM
+    ttm-ray generate ... --masks masks.json --object "cat=a cat jumping"   # s0 given: no SAM2
+    ttm-ray generate ... --trajectory masks.json --object "cat=..."        # no stage 1
+    ttm-ray generate --config ... --manifest items.jsonl                            # batch
+
+Exit codes: 0 every item generated, 1 some failed (see failures.jsonl) or the job failed,
+2 invalid configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any
+
+from jobs.common import job_parser, load_job_config, run_job, setup_logging
+
+DEFAULT_CONFIG = "jobs/configs/generate/quickstart.yaml"
+
+
+def _overrides(args: Any) -> list[str]:
+    """The convenience flags as ``--set`` overrides (validated like any other key)."""
+    import json
+
+    out = []
+    for flag, key in (("image", "input.image"), ("prompt", "input.prompt"),
+                      ("motion_prompt", "input.motion_prompt"),
+                      ("manifest", "input.manifest"),
+                      ("stage1", "generation.stage1.export"),
+                      ("stage2", "generation.stage2.export"), ("out", "out_dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    if args.seed is not None:
+        out.append(f"generation.seed={args.seed}")
+    if args.steps is not None:
+        out += [f"generation.stage1.steps={args.steps}", f"generation.stage2.steps={args.steps}"]
+    if args.objects:
+        objects = []
+        for text in args.objects:
+            name, sep, prompt = text.partition("=")
+            if not sep:
+                from ttm_ray.config import ConfigError
+
+                raise ConfigError([f"--object {text!r}: expected NAME=PROMPT"])
+            objects.append({"name": name.strip(), "prompt": prompt.strip()})
+        out.append(f"input.object_prompts={json.dumps(objects)}")
+    for path, variant in ((args.masks, "generated"), (args.trajectory, "given_trajectory")):
+        if path is not None:
+            out += [f"input.annotation={json.dumps(path)}", "annotate.mask_source=gt",
+                    f"batch.variants=[{variant}]"]
+    return out
+
+
+def generate_items(cfg: Any, items: list, variants: list[str], engine: str,
+                   progress: bool = True) -> dict[str, Any]:
+    """Plan, annotate, generate and record ``items`` x ``variants`` under ``cfg.output_dir``
+    (shared by ``generate`` and ``evaluate``)."""
+    from dataclasses import replace
+
+    from data_prep.annotate import ImageAnnotator
+    from ttm_ray.config import ConfigError
+    from ttm_ray.inference import batch as B
+    from ttm_ray.inference.harness import STAGE1_VARIANTS
+    from ttm_ray.inference.stage_model import export_pixel_shape
+
+    out = cfg.output_dir
+    need_stage1 = any(v in STAGE1_VARIANTS for v in variants)
+    cfg.generation.require_exports(need_stage1)
+    need_llm = "gt_llm" in variants or any(
+        i.object_prompts is None or (i.motion_prompt is None and need_stage1) for i in items)
+    try:
+        cfg.annotate.check_models(need_llm)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from exc
+    frames = export_pixel_shape(cfg.generation.stage2.export)[0]
+    batch_cfg = replace(cfg.batch, variants=variants)
+    work = B.plan(items, variants, out, cfg.generation.seed, cfg.batch.overwrite)
+    print(f"[generate] {len(items)} items x {len(variants)} settings: {work.pending} to "
+          f"generate, {work.skipped_done} already done, {len(work.failures)} not possible; "
+          f"outputs in {out}", file=sys.stderr)
+    annotator = functools.partial(ImageAnnotator, cfg.annotate)
+    if engine == "ray":
+        from ttm_ray.runtime import init_ray
+
+        init_ray(cfg.run)
+        results = B.run_ray(work, cfg.generation, batch_cfg, out, annotator, frames,
+                            cfg.resources, load_stage1=need_stage1, progress=progress)
+    else:
+        results = B.run_local(work, cfg.generation, batch_cfg, out, annotator, frames,
+                              load_stage1=need_stage1)
+    summary = B.record_results(out, results, work.failures)
+    summary.update(out_dir=str(out), skipped_done=work.skipped_done, variants=variants)
+    for r in results:
+        if r["status"] == "generated":
+            print(f"[generate] {r['variant']}/{r['item_id']}: {r['dir']}", file=sys.stderr)
+        else:
+            print(f"[generate] FAILED {r['variant']}/{r['item_id']}: {r['reason']}: "
+                  f"{str(r['detail']).splitlines()[-1][:300] if r['detail'] else ''}",
+                  file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_parser(prog, __doc__ or "", DEFAULT_CONFIG)
+    group = parser.add_argument_group("input (shortcuts for --set input.*)")
+    group.add_argument("--image", help="input image (png/jpg/webp) or video (its first frame)")
+    group.add_argument("--prompt", help="global prompt c")
+    group.add_argument("--motion-prompt", dest="motion_prompt",
+                       help="c_motion (with --object: skip the LLM)")
+    group.add_argument("--object", dest="objects", action="append", metavar="NAME=PROMPT",
+                       help="an object and its local prompt (repeatable, trajectory colour "
+                            "order)")
+    group.add_argument("--masks", help="SA-V-format masks (one masklet per --object, in "
+                                       "order): s0 from their first frame (no SAM2)")
+    group.add_argument("--trajectory", help="SA-V-format masks over the clip (one masklet per "
+                                            "--object, in order): skip stage 1")
+    group.add_argument("--manifest", help="batch: items file (JSONL / JSON / CSV / Parquet)")
+    group = parser.add_argument_group("models and sampling")
+    group.add_argument("--stage1", help="stage-1 export folder (generation.stage1.export)")
+    group.add_argument("--stage2", help="stage-2 export folder (generation.stage2.export)")
+    group.add_argument("--seed", type=int, help="noise seed (generation.seed)")
+    group.add_argument("--steps", type=int, help="sampler steps of both stages")
+    group.add_argument("--out", help="output folder (out_dir)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def job() -> dict:
+        from jobs.inference_config import GenerateConfig
+        from ttm_ray.config import ConfigError, write_effective_config
+        from ttm_ray.inference.items import item_from_row, load_items
+
+        args.overrides = [*args.overrides, *_overrides(args)]
+        cfg = load_job_config(GenerateConfig, args)
+        cfg.input.require()
+        try:
+            items = (load_items(cfg.input.manifest) if cfg.input.manifest
+                     else [item_from_row(cfg.input.item_row())])
+        except ValueError as exc:  # ManifestError included: bad input, before any work
+            raise ConfigError([f"input: {exc}"]) from exc
+        engine = cfg.engine if cfg.engine != "auto" else (
+            "ray" if cfg.input.manifest else "local")
+        write_effective_config(cfg, cfg.output_dir)
+        summary = generate_items(cfg, items, cfg.batch.expanded(), engine,
+                                 progress=not args.no_progress)
+        if summary["failed"]:
+            raise RuntimeError(f"{summary['failed']} of {summary['failed'] + summary['generated']}"
+                               f" items failed ({summary['failed_by_reason']}); see "
+                               f"{cfg.output_dir}/failures.jsonl (generated ones are kept)")
+        return summary
+
+    return run_job(job, "generate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The frozen encoders of a run and the one function that turns encoded inputs into a
+:class:`ModelConditioning`, shared by training (``ttm_ray.training.data``) and two-stage
+inference (``ttm_ray.inference``), so both condition a model in exactly the same way.
+
+What each stage is conditioned on (``method_notes.md``):
+
+* stage 1 (image-to-motion): visual = [E(x0) | E(s0) | given] at latent frame 0; text =
+  c_motion.
+* stage 2 (motion-to-video): visual = [E(x0) @ frame 0 | E(s) | given]; text = the caption;
+  local_text / local_text_ids = every object's c_local prompt tagged with its colour index;
+  token_ids = the trajectory masks on the model's token grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ttm_ray.conditioning.autoencoders import Autoencoder, AutoencoderConfig
+from ttm_ray.conditioning.batch import ModelConditioning
+from ttm_ray.conditioning.layout import build_visual
+from ttm_ray.conditioning.text_encoders import TextEncoder, TextEncoderConfig
+from ttm_ray.config import constrained
+
+
+@dataclass
+class LocalTextConfig:
+    """How stage 2's per-object prompts become ``local_text`` (training and inference)."""
+
+    tokens_per_object: int | None = constrained(
+        None, gt=0, help="cap on each local prompt's tokens; null: the text encoder's length")
+    tokens: int | None = constrained(
+        None, gt=0, help="fixed M (local tokens per sample, padded); null: the batch's longest")
+
+
+@dataclass
+class EncodersConfig:
+    """Section ``encoders:``: the frozen autoencoder and text encoder of a run."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    def build(self, device: torch.device | str | None = None) -> Encoders:
+        return Encoders(self.autoencoder.build(device), self.text_encoder.build(device))
+
+
+def to_model_video(frames: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` per item -> float ``[B, 3, T, H, W]`` in [-1, 1] on ``device``."""
+    x = torch.from_numpy(np.stack(frames)).to(device)
+    return x.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
+
+
+def from_model_video(video: torch.Tensor) -> np.ndarray:
+    """float ``[3, T, H, W]`` in [-1, 1] -> uint8 ``[T, H, W, 3]`` (the inverse, clamped)."""
+    rgb = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return rgb.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class Encoders:
+    """The frozen encoders on one device (neither stage trains them)."""
+
+    def __init__(self, autoencoder: Autoencoder, text: TextEncoder) -> None:
+        self.autoencoder = autoencoder
+        self.text = text
+
+    def null_text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's ``(emb [batch, L, D], mask [batch, L])``: dropped text in
+        training, the unconditional branch of guidance."""
+        return self.text.null(batch)
+
+    @torch.no_grad()
+    def conditions(
+        self,
+        stage: int,
+        num_frames: int,
+        first_frame_latent: torch.Tensor,
+        trajectory_latent: torch.Tensor,
+        prompts: Sequence[str],
+        *,
+        local_prompts: Sequence[Sequence[str]] | None = None,
+        local_ids: Sequence[Sequence[int]] | None = None,
+        token_ids: torch.Tensor | None = None,
+        local: LocalTextConfig | None = None,
+        names: Sequence[str] | None = None,
+    ) -> ModelConditioning:
+        """Encoded inputs -> the model's conditioning (float32 on the latents' device).
+
+        ``first_frame_latent``: E(x0) ``[B, C, 1, h, w]``; ``trajectory_latent``: E(s0)
+        (stage 1) or E(s) (stage 2); ``prompts``: c_motion (stage 1) or the caption (stage 2).
+        Stage 2 also needs ``local_prompts`` / ``local_ids`` (each object's prompt and colour
+        index) and ``token_ids [B, t, h, w]`` on the model's token grid. ``names`` name the
+        items in text-encoder errors (e.g. an empty caption).
+        """
+        visual = build_visual(stage, first_frame_latent.float(), trajectory_latent.float(),
+                              num_frames)
+        emb, mask = self.text.encode(list(prompts), names=names)
+        cond = ModelConditioning(visual=visual, text=emb.float(), text_mask=mask.bool())
+        if stage == 1:
+            return cond
+        if local_prompts is None or local_ids is None or token_ids is None:
+            raise ValueError("stage 2 needs local_prompts, local_ids and token_ids")
+        local = local or LocalTextConfig()
+        text, ids = self.text.encode_local(local_prompts, local_ids,
+                                           max_tokens_per_object=local.tokens_per_object,
+                                           num_tokens=local.tokens)
+        return cond.replace(local_text=text.float(), local_text_ids=ids.long(),
+                            token_ids=token_ids.to(visual.device).long())
+
+
+__all__ = ["Encoders", "EncodersConfig", "LocalTextConfig", "from_model_video",
+           "to_model_video"]

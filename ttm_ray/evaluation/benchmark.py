@@ -1,0 +1,86 @@
+"""Scoring generated benchmark outputs: one table per generation setting, and the setting
+comparison of the paper's Table 5 (failure cases: how errors propagate between stages).
+
+Reads what batch generation wrote (``<out>/<variant>/<item>/video.mp4`` + ``generation.json``,
+:mod:`ttm_ray.inference.outputs`) and the manifest's reference videos, sampled exactly as
+generation sampled them (:func:`~ttm_ray.inference.items.load_pixels`). ViCLIP-T always
+compares with the item's own prompt, so a setting that conditioned on wrong or dropped
+prompts is judged against the right one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ttm_ray.evaluation.config import EvalItem, Evaluator
+from ttm_ray.evaluation.report import LABELS, SUBSET_ALL, EvaluationResults, format_value
+from ttm_ray.inference.items import GenerationItem, load_pixels
+from ttm_ray.inference.outputs import is_done, item_dir, read_record
+
+log = logging.getLogger(__name__)
+
+SINGLE, MULTI = "single-object", "multi-object"
+
+
+def subset_of(item: GenerationItem, record: dict[str, Any]) -> str:
+    """The manifest's subset, else single-/multi-object from the objects generation used."""
+    if item.subset:
+        return item.subset
+    return SINGLE if len(record.get("objects") or []) == 1 else MULTI
+
+
+def eval_items(items: Sequence[GenerationItem], variant_dir: str | Path, frames: int,
+               fps: float | None, missing: list[str]) -> Iterator[EvalItem]:
+    """EvalItems of one setting's outputs (lazily: one item's frames in memory at a time).
+    Items without output are appended to ``missing``."""
+    for item in items:
+        if not is_done(variant_dir, item.item_id):
+            missing.append(item.item_id)
+            continue
+        record = read_record(variant_dir, item.item_id)
+        reference = (load_pixels(item, frames, fps).reference
+                     if item.reference_video else None)
+        yield EvalItem(item.item_id, str(item_dir(variant_dir, item.item_id) / "video.mp4"),
+                       reference, item.prompt, subset_of(item, record))
+
+
+def evaluate_variants(evaluator: Evaluator, items: Sequence[GenerationItem],
+                      out_dir: str | Path, variants: Sequence[str], frames: int,
+                      fps: float | None) -> tuple[dict[str, EvaluationResults],
+                                                  dict[str, list[str]]]:
+    """``({variant: results}, {variant: item ids without output})``; a variant with no
+    output at all is left out of the results."""
+    results, missing = {}, {}
+    for v in variants:
+        gone: list[str] = []
+        scored = list(eval_items(items, Path(out_dir) / v, frames, fps, gone))
+        missing[v] = gone
+        if not scored:
+            log.warning("variant %s: no generated item to score", v)
+            continue
+        log.info("scoring %s: %d videos", v, len(scored))
+        results[v] = evaluator.evaluate(scored)
+    return results, missing
+
+
+def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSET_ALL) -> str:
+    """One row per generation setting (the layout of the paper's Table 5)."""
+    if not results:
+        return "_no setting produced any output_\n"
+    metrics = next(iter(results.values())).metrics
+    lines = ["| setting | videos | " + " | ".join(LABELS[m] for m in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for v, res in results.items():
+        row = res.subsets.get(subset, {})
+        lines.append(f"| {v} | {row.get('n_videos', 0)} | "
+                     + " | ".join(format_value(m, row.get(m)) for m in metrics) + " |")
+    backbones = next(iter(results.values())).backbones
+    lines += ["", "Backbones: " + "; ".join(f"{m}: {b}" for m, b in backbones.items())]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["MULTI", "SINGLE", "eval_items", "evaluate_variants", "settings_markdown",
+           "subset_of"]
