@@ -62,10 +62,16 @@ def clip_bytes_encoder(height: int, width: int) -> Callable[[dict], bytes]:
 
 def row_to_shard(row: dict, embed: bytes | None = None) -> dict:
     """A kept pipeline row as a training-shard row (SHARD_SCHEMA)."""
-    colours = {m["name"]: m["color_index"] for m in row.get("masks") or []}
-    local = [{"name": o["name"], "prompt": o["prompt"],
-              "color_index": colours.get(o["name"], i)}
-             for i, o in enumerate(row.get("c_local") or [])]
+    masks = row.get("masks") or []
+    colours = {m["name"]: m["color_index"] for m in masks}
+    if masks:
+        # An object whose mask was dropped (no box, empty mask) has no pixels: its prompt is
+        # left out, so it can never take a colour slot that belongs to another object.
+        local = [{"name": o["name"], "prompt": o["prompt"], "color_index": colours[o["name"]]}
+                 for o in row.get("c_local") or [] if o["name"] in colours]
+    else:  # a caption-only dataset (mask_source: none): prompts in their own order
+        local = [{"name": o["name"], "prompt": o["prompt"], "color_index": i}
+                 for i, o in enumerate(row.get("c_local") or [])]
     versions = {k: row[k] for k in VERSION_COLUMNS if row.get(k)}
     versions["colour_table"] = COLOUR_TABLE_VERSION
     shard = {name: row.get(name) for name in SHARD_SCHEMA.names}

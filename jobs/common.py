@@ -72,10 +72,28 @@ def load_job_config(cls: type, args: argparse.Namespace) -> Any:
     return load_config(cls, resolve_config_path(args.config), overrides)
 
 
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _detach_ray() -> None:
+    """Disconnect from Ray before the summary line: Ray streams worker logs to this process's
+    stdout asynchronously, and a late worker line must not follow the JSON summary."""
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
+    sys.stderr.flush()
+
+
 def run_job(fn: Callable[[], dict], name: str) -> int:
     """Run ``fn`` and turn its outcome into the exit contract (JSON summary as last line)."""
+    connected_before = _ray_connected()  # a caller's Ray (tests, a notebook) is left alone
     try:
-        summary = fn()
+        try:
+            summary = fn()
+        finally:
+            if not connected_before:
+                _detach_ray()
     except ConfigError as exc:
         print(f"{name}: invalid configuration:\n{exc}", file=sys.stderr)
         print(json.dumps({"job": name, "status": "config_error", "error": str(exc)}))

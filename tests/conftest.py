@@ -40,7 +40,16 @@ def _cuda_available() -> bool:
         return False
 
 
+#: Tests that need no Ray and keep one core busy for minutes: with ``pytest -n 2 --dist
+#: loadgroup`` (what ``make test`` runs) they go to a second worker beside everything else,
+#: which shares one local Ray, one tiny dataset and the cached training runs in the first.
+_OWN_WORKER = ("tests/models/test_it_learns.py",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath)).relative_to(REPO).as_posix()
+        item.add_marker(pytest.mark.xdist_group("learns" if path in _OWN_WORKER else "main"))
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="gpu test: no CUDA device on this machine")

@@ -74,11 +74,14 @@ def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 # Measured on this machine (mean IoU of the 4 clips after N steps, lr 3e-3): DiT 0.36 / 0.86 /
-# 0.96 / 1.0 after 600 / 800 / 1000 / 1200; U-Net 0.44 / 0.61 / 0.66 / 0.72. The thresholds
-# leave a margin below the 1000-step values; ~3 min (DiT) and ~4 min (U-Net) on 2 cores.
+# 0.96 / 1.0 after 600 / 800 / 1000 / 1200; U-Net 0.44 / 0.61 / 0.66 / 0.72 (0.615 again at
+# 800 on 2026-12-03). The thresholds leave a margin of about 0.1 below the values at the steps
+# run. One torch thread (tests/conftest.py): 0.21 s per DiT step, 0.35 s per U-Net step; about
+# 4 min (DiT) and 5 min (U-Net) on one core. `make test` runs this file on its own pytest-xdist
+# worker, beside the rest of the suite.
 @pytest.mark.parametrize("family,size,objective,steps,lr,min_iou", [
     ("dit", "dit-tiny", "flow_matching", 1000, 3e-3, 0.8),
-    ("unet", "unet-tiny", "ddim", 1000, 3e-3, 0.55),
+    ("unet", "unet-tiny", "ddim", 800, 3e-3, 0.5),
 ])
 def test_stage1_overfits_and_samples_the_training_trajectories(
         family: str, size: str, objective: str, steps: int, lr: float, min_iou: float) -> None:
