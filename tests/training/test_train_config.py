@@ -4,6 +4,7 @@ failing on the driver before any Ray worker starts (fast: no Ray, no DeepSpeed).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -109,8 +110,14 @@ def test_missing_dataset_version_fails_before_ray(tmp_path: Path,
     monkeypatch.setattr(ttm_ray.runtime, "init_ray", no_ray)
     cfg = load("dit_stage1_tiny", f"run.root={tmp_path / 'runs'}",
                f"data.dataset_root={tmp_path / 'no-dataset'}", "data.version=v0001-nope")
-    with pytest.raises(ConfigError, match=r"data\.version: .*v0001-nope.*not a published"):
+    # From an empty working dir the tiny encoders' relative paths are missing too: one
+    # attempt reports every problem, not only the first.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
         train(cfg)
+    assert re.search(r"data\.version: .*v0001-nope.*not a published", str(err.value))
+    assert "encoders.text_encoder.path: runs/quickstart/models/tiny-t5 does not exist" \
+        in str(err.value)
     assert not (tmp_path / "runs").exists()  # nothing written either
 
 

@@ -88,9 +88,10 @@ def missing_paths(cfg: TrainConfig) -> list[str]:
             and not Path(path).exists()]
 
 
-def preflight(cfg: TrainConfig) -> Preflight:
-    """Checks that need the filesystem; raises ConfigError listing every problem."""
-    errors = []
+def preflight(cfg: TrainConfig, errors: list[str] | None = None) -> Preflight:
+    """Checks that need the filesystem; raises ConfigError listing every problem (with the
+    ``errors`` found before paths were resolved), so one attempt shows them all."""
+    errors = list(errors or [])
     version = None
     try:
         version = open_version(cfg.data.dataset_root, cfg.data.version).name
@@ -160,11 +161,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from ttm_ray.training.mlflow_logging import resolve_run
 
     start = time.perf_counter()
-    missing = missing_paths(cfg)
-    if missing:
-        raise ConfigError(missing)
+    missing = missing_paths(cfg)  # relative paths: checked before they are resolved
     cfg = resolve_paths(cfg)
-    pre = preflight(cfg)  # before Ray: a bad config never costs a cluster
+    pre = preflight(cfg, missing)  # before Ray: a bad config never costs a cluster
     write_effective_config(cfg, cfg.out_dir)
     init_ray(cfg.run)
     run_id = resolve_run(cfg, pre.run_storage, pre.dataset_version)
