@@ -40,16 +40,21 @@ def _cuda_available() -> bool:
         return False
 
 
-#: Tests that need no Ray and keep one core busy for minutes: with ``pytest -n 2 --dist
-#: loadgroup`` (what ``make test`` runs) they go to a second worker beside everything else,
-#: which shares one local Ray, one tiny dataset and the cached training runs in the first.
-_OWN_WORKER = ("tests/models/test_it_learns.py",)
+#: How ``make test`` (``pytest -n 2 --dist loadgroup``) splits the suite over its two workers,
+#: by file. "main" holds the Ray Train tests, which share one local Ray, one tiny dataset and
+#: the cached training runs (tests/training/train_runs.py), and everything that is not named
+#: here. "solo" holds the single-process overfit tests, the ``ray job submit`` end-to-end test
+#: (its own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find
+#: it) and the data-prep pipeline tests (on that worker's own local Ray). Measured with
+#: ``--durations``: the two take about the same time, which is what keeps CI short.
+_SOLO = ("tests/models/test_it_learns.py", "tests/ops/test_job_submit_e2e.py",
+         "tests/data_prep/test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = Path(str(item.fspath)).relative_to(REPO).as_posix()
-        item.add_marker(pytest.mark.xdist_group("learns" if path in _OWN_WORKER else "main"))
+        item.add_marker(pytest.mark.xdist_group("solo" if path in _SOLO else "main"))
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="gpu test: no CUDA device on this machine")

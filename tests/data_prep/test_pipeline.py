@@ -1,9 +1,15 @@
 """The whole curation pipeline on a local Ray cluster over the generated corpus: every input
-accounted for, published versions, incremental reruns, crash + resume, refilter."""
+accounted for, published versions, incremental reruns, crash + resume, refilter.
+
+One full run over the corpus (``full_run``) is shared: it is the subject of the accounting
+test and the reference of the crash, sequential and refilter tests, which never write into
+it (the refilter test works on a copy)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,10 +72,17 @@ def sources_of(rows: list[dict]) -> set[str]:
     return {str(Path(r["source_uri"]).resolve()) for r in rows}
 
 
-def test_every_input_accounted_for_and_rerun_is_a_no_op(ray_local, corpus: Path, tmp_path: Path,
-                                                        tiny_clip_dir: Path) -> None:
-    cfg = prep_config(corpus, tmp_path / "out", tiny_clip_dir)
-    first = run_prep(cfg, progress=False, track=False)
+@pytest.fixture(scope="module")
+def full_run(ray_local, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
+             tiny_clip_dir: Path) -> tuple[PrepConfig, dict[str, Any]]:
+    """``(config, summary)`` of one ``run_prep`` over the whole corpus (read-only)."""
+    cfg = prep_config(corpus, tmp_path_factory.mktemp("full") / "out", tiny_clip_dir)
+    return cfg, run_prep(cfg, progress=False, track=False)
+
+
+def test_every_input_accounted_for_and_rerun_is_a_no_op(
+        full_run: tuple[PrepConfig, dict[str, Any]], corpus: Path) -> None:
+    cfg, first = full_run
     version = open_version(cfg.dataset_root)
     assert version.name == first["dataset_version"] == latest_version(cfg.dataset_root)
     data = version.read("data")
@@ -115,26 +128,28 @@ def test_incremental_rebuild_adds_only_new_videos(ray_local, corpus: Path, first
     assert len(list_versions(tmp_path / "inc" / "dataset")) == 2
 
 
-def test_crash_mid_run_never_publishes_a_partial_version(ray_local, corpus: Path, tmp_path: Path,
-                                                         tiny_clip_dir: Path) -> None:
+def test_crash_mid_run_never_publishes_a_partial_version(
+        ray_local, corpus: Path, tmp_path: Path, tiny_clip_dir: Path,
+        full_run: tuple[PrepConfig, dict[str, Any]]) -> None:
     cfg = prep_config(corpus, tmp_path / "crash", tiny_clip_dir)
     with pytest.raises(RuntimeError, match="injected failure"):
         run_prep(cfg, progress=False, track=False, fail_after_rows=10)
     assert latest_version(cfg.dataset_root) is None  # nothing published, nothing partial
     resumed = run_prep(cfg, progress=False, track=False)
     assert resumed["already_done"] >= 10
-    clean = run_prep(prep_config(corpus, tmp_path / "clean", tiny_clip_dir), progress=False,
-                     track=False)
+    clean_cfg, clean = full_run  # the same corpus in one uninterrupted run
     got = sorted(open_version(cfg.dataset_root).read("data").column("clip_id").to_pylist())
-    want = sorted(open_version(tmp_path / "clean" / "dataset").read("data")
+    want = sorted(open_version(clean_cfg.dataset_root).read("data")
                   .column("clip_id").to_pylist())
     assert got == want and resumed["kept"] == clean["kept"]
 
 
-def test_refilter_changes_kept_set_without_models(ray_local, corpus: Path, tmp_path: Path,
-                                                  tiny_clip_dir: Path, monkeypatch) -> None:
+def test_refilter_changes_kept_set_without_models(
+        corpus: Path, tmp_path: Path, tiny_clip_dir: Path,
+        full_run: tuple[PrepConfig, dict[str, Any]], monkeypatch) -> None:
+    shutil.copytree(full_run[0].output_dir, tmp_path / "refilter")  # a copy to refilter
     cfg = prep_config(corpus, tmp_path / "refilter", tiny_clip_dir)
-    run_prep(cfg, progress=False, track=False)
+    assert latest_version(cfg.dataset_root) == full_run[1]["dataset_version"]
     scores = sorted(open_version(cfg.dataset_root).read("data")
                     .column("score_temporal_min").to_pylist())
     omega = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
@@ -158,12 +173,10 @@ def test_refilter_changes_kept_set_without_models(ray_local, corpus: Path, tmp_p
     assert back["kept"] == len(scores)
 
 
-def test_sequential_baseline_matches_ray(ray_local, corpus: Path, tmp_path: Path,
-                                         tiny_clip_dir: Path) -> None:
-    cfg = prep_config(corpus, tmp_path / "seq", tiny_clip_dir)
-    rows = run_sequential(cfg, list_inputs(cfg.source))
+def test_sequential_baseline_matches_ray(full_run: tuple[PrepConfig, dict[str, Any]]) -> None:
+    cfg, _ = full_run
+    rows = run_sequential(cfg, list_inputs(cfg.source))  # writes nothing
     ok = sorted(r["clip_id"] for r in rows if r["status"] == "ok")
-    run_prep(cfg, progress=False, track=False)
     written = sorted(open_version(cfg.dataset_root).read("data").column("clip_id").to_pylist())
     assert ok == written
 
