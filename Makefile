@@ -15,8 +15,9 @@ quickstart: setup
 	$(BIN)/ttm-ray quickstart
 
 ## test: set up, lint, then the whole test suite (slow tests included). Two pytest-xdist
-## workers: the minutes-long single-core overfit tests run beside the Ray-based rest
-## (tests/conftest.py assigns the groups), which keeps CI well under 30 minutes on 2 cores.
+## workers, each given about half of the suite (tests/conftest.py assigns the groups: the Ray
+## Train tests in one, the overfit, end-to-end and pipeline tests in the other), which keeps
+## CI under 30 minutes on 2 cores.
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
