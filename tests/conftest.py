@@ -42,19 +42,31 @@ def _cuda_available() -> bool:
 
 #: How ``make test`` (``pytest -n 2 --dist loadgroup``) splits the suite over its two workers,
 #: by file. "main" holds the Ray Train tests, which share one local Ray, one tiny dataset and
-#: the cached training runs (tests/training/train_runs.py), and everything that is not named
-#: here. "solo" holds the single-process overfit tests, the ``ray job submit`` end-to-end test
-#: (its own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find
-#: it) and the data-prep pipeline tests (on that worker's own local Ray). Measured with
+#: the cached training runs (tests/training/train_runs.py), and everything not named here.
+#: "solo" holds the single-process overfit tests, the ``ray job submit`` end-to-end test (its
+#: own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find it)
+#: and the data-prep pipeline tests (on that worker's own local Ray). Measured with
 #: ``--durations``: the two take about the same time, which is what keeps CI short.
 _SOLO = ("tests/models/test_it_learns.py", "tests/ops/test_job_submit_e2e.py",
          "tests/data_prep/test_pipeline.py")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup`` with the two groups above, chosen by file. (pytest-xdist 3.8 marks
+    groups by appending to ``item._nodeid``, which pytest 9.2 no longer reads, so its
+    ``xdist_group`` marks are silently ignored: this scheduler does not depend on them.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "solo" if nodeid.split("::", 1)[0] in _SOLO else "main"
+
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        path = Path(str(item.fspath)).relative_to(REPO).as_posix()
-        item.add_marker(pytest.mark.xdist_group("solo" if path in _SOLO else "main"))
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="gpu test: no CUDA device on this machine")
