@@ -15,9 +15,8 @@ quickstart: setup
 	$(BIN)/ttm-ray quickstart
 
 ## test: set up, lint, then the whole test suite (slow tests included). Two pytest-xdist
-## workers, each given about half of the suite (tests/conftest.py assigns the groups: the Ray
-## Train tests in one, the overfit, end-to-end and pipeline tests in the other), which keeps
-## CI under 30 minutes on 2 cores.
+## workers (tests/conftest.py assigns the groups: the Ray Train tests in one, the overfit,
+## end-to-end and pipeline tests in the other); about 26 minutes of tests on 2 cores.
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
