@@ -17,6 +17,10 @@ recorded in <out>/failures.jsonl with their reason and the run goes on.
     ttm-ray generate ... --trajectory masks.json --object "cat=..."        # no stage 1
     ttm-ray generate --config ... --manifest items.jsonl                            # batch
 
+Without --id, one image's folder is <image stem>-<10 hex>: a hash of the input's content
+(image, prompts, masks) and of the settings that change its video (seed, sampling, models),
+so rerunning the same input skips it and a new input or setting gets a folder of its own.
+
 Exit codes: 0 every item generated, 1 some failed (see failures.jsonl) or the job failed,
 2 invalid configuration.
 """
@@ -37,7 +41,7 @@ def _overrides(args: Any) -> list[str]:
     import json
 
     out = []
-    for flag, key in (("image", "input.image"), ("prompt", "input.prompt"),
+    for flag, key in (("image", "input.image"), ("id", "input.id"), ("prompt", "input.prompt"),
                       ("motion_prompt", "input.motion_prompt"),
                       ("manifest", "input.manifest"),
                       ("stage1", "generation.stage1.export"),
@@ -64,6 +68,31 @@ def _overrides(args: Any) -> list[str]:
             out += [f"input.annotation={json.dumps(path)}", "annotate.mask_source=gt",
                     f"batch.variants=[{variant}]"]
     return out
+
+
+def id_settings(cfg: Any) -> dict[str, Any]:
+    """What a derived item id hashes besides the item's inputs: every setting that changes
+    its video, so another seed, step count, guidance scale, model or front-end writes a new
+    folder rather than being skipped as an earlier run's finished one. Left out, because they
+    change where or how fast but not what is generated: ``run``, ``resources``, ``engine``,
+    ``generation.device`` (one CPU noise generator per item gives the same clip on any
+    device), ``batch.variants`` (already the folder above the id) and ``batch.overwrite``."""
+    from pathlib import Path
+
+    from ttm_ray.config import to_dict
+    from ttm_ray.models.export import INFO
+
+    generation = {k: v for k, v in to_dict(cfg.generation).items() if k != "device"}
+    batch = {k: v for k, v in to_dict(cfg.batch).items() if k not in ("variants", "overwrite")}
+    # An export's path does not say which weights it holds now; its export.json (training
+    # run, step, config hash) does, so a re-export into the same folder is a new model.
+    models: dict[str, str | None] = {}
+    for stage in ("stage1", "stage2"):
+        export = getattr(cfg.generation, stage).export
+        info = Path(export) / INFO if export else None
+        models[stage] = info.read_text() if info is not None and info.is_file() else None
+    return {"generation": generation, "models": models, "annotate": to_dict(cfg.annotate),
+            "batch": batch}
 
 
 def generate_items(cfg: Any, items: list, variants: list[str], engine: str,
@@ -93,6 +122,9 @@ def generate_items(cfg: Any, items: list, variants: list[str], engine: str,
     print(f"[generate] {len(items)} items x {len(variants)} settings: {work.pending} to "
           f"generate, {work.skipped_done} already done, {len(work.failures)} not possible; "
           f"outputs in {out}", file=sys.stderr)
+    for folder in work.done:
+        print(f"[generate] already done (batch.overwrite=true regenerates): {folder}",
+              file=sys.stderr)
     annotator = functools.partial(ImageAnnotator, cfg.annotate)
     if engine == "ray":
         from ttm_ray.runtime import init_ray
@@ -119,6 +151,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = job_parser(prog, __doc__ or "", DEFAULT_CONFIG)
     group = parser.add_argument_group("input (shortcuts for --set input.*)")
     group.add_argument("--image", help="input image (png/jpg/webp) or video (its first frame)")
+    group.add_argument("--id", help="output folder name (input.id); default: <image stem>-<10 "
+                                     "hex> from the input's content and settings")
     group.add_argument("--prompt", help="global prompt c")
     group.add_argument("--motion-prompt", dest="motion_prompt",
                        help="c_motion (with --object: skip the LLM)")
@@ -144,20 +178,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from jobs.inference_config import GenerateConfig
         from ttm_ray.config import ConfigError, write_effective_config
         from ttm_ray.inference.items import item_from_row, load_items
+        from ttm_ray.inference.outputs import item_dir
 
         args.overrides = [*args.overrides, *_overrides(args)]
         cfg = load_job_config(GenerateConfig, args)
         cfg.input.require()
         try:
+            # One image without input.id gets an id derived from its content and settings
+            # (a fixed default would make every new image "already done"); manifest ids stay
+            # required, they are the benchmark's names.
             items = (load_items(cfg.input.manifest) if cfg.input.manifest
-                     else [item_from_row(cfg.input.item_row())])
+                     else [item_from_row(cfg.input.item_row(), id_settings(cfg))])
         except ValueError as exc:  # ManifestError included: bad input, before any work
             raise ConfigError([f"input: {exc}"]) from exc
         engine = cfg.engine if cfg.engine != "auto" else (
             "ray" if cfg.input.manifest else "local")
         write_effective_config(cfg, cfg.output_dir)
-        summary = generate_items(cfg, items, cfg.batch.expanded(), engine,
-                                 progress=not args.no_progress)
+        variants = cfg.batch.expanded()
+        summary = generate_items(cfg, items, variants, engine, progress=not args.no_progress)
+        if not cfg.input.manifest:  # where the one image went, generated now or before
+            summary["item_dirs"] = [str(item_dir(cfg.output_dir / v, items[0].item_id))
+                                    for v in variants]
         if summary["failed"]:
             raise RuntimeError(f"{summary['failed']} of {summary['failed'] + summary['generated']}"
                                f" items failed ({summary['failed_by_reason']}); see "

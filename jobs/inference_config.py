@@ -34,7 +34,10 @@ class InputConfig:
     manifest: str | None = constrained(
         None, help="items to generate (JSONL / JSON / CSV / Parquet: id, prompt, image or "
                    "reference_video, optional prompts and annotation); overrides image/prompt")
-    id: str = constrained("sample", nonempty=True, help="output folder name of the one image")
+    id: str | None = constrained(
+        None, nonempty=True, help="output folder name of the one image; null: <image stem>-<10 "
+                                  "hex> derived from the input's content and the settings "
+                                  "that change its video (a rerun of the same input skips it)")
     image: str | None = constrained(None, help="input image x0 (png/jpg/webp) or a video "
                                                 "(its first frame)")
     prompt: str | None = constrained(None, help="global prompt c")

@@ -6,12 +6,14 @@ scripted LLM answer, Grounding DINO + SAM2) and bad inputs."""
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import STEPS, build_random_sam2
+from PIL import Image
 
 from data_prep.annotate import AnnotateConfig, ImageAnnotator
 from jobs.generate import main as generate_main
@@ -66,7 +68,8 @@ def test_generate_job_writes_the_clip_and_its_record(family, tiny_exports, bench
                      "--masks", item.annotation, "--seed", "3")
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and summary["status"] == "succeeded" and summary["generated"] == 1
-    folder = out / "generated" / "sample"
+    [folder] = map(Path, summary["item_dirs"])
+    assert folder.parent == out / "generated" and folder.name.startswith("x0-")
     record = json.loads((folder / "generation.json").read_text())
     assert record["seed"] == 3 and record["caption"] == item.prompt
     assert record["c_motion"] == item.motion_prompt
@@ -117,9 +120,131 @@ def test_trajectory_job_option(tiny_exports, bench, tmp_path, capsys):
     objects = [f"--object={n}={p}" for n, p in item.object_prompts]
     code, out = _job(tmp_path, tiny_exports["dit"], "--image", item.reference_video,
                      "--prompt", item.prompt, *objects, "--trajectory", item.annotation)
-    assert code == 0, capsys.readouterr().err[-2000:]
-    record = json.loads((out / "given_trajectory" / "sample" / "generation.json").read_text())
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    [folder] = map(Path, json.loads(captured.out.strip().splitlines()[-1])["item_dirs"])
+    assert folder.parent == out / "given_trajectory"
+    record = json.loads((folder / "generation.json").read_text())
     assert record["trajectory_source"] == "annotation" and record["stage1"] is None
+
+
+def _png(path: Path, image: np.ndarray) -> str:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+    return str(path)
+
+
+def _given(item, image: str, *extra: str) -> list[str]:
+    """CLI args for one image with the item's prompts and masks (no LLM, no SAM2)."""
+    return ["--image", image, "--prompt", item.prompt, "--motion-prompt", item.motion_prompt,
+            *[f"--object={n}={p}" for n, p in item.object_prompts], "--masks", item.annotation,
+            *extra]
+
+
+def _run(tmp_path: Path, exports: dict[int, Path], capsys, *args: str) -> tuple[dict, str]:
+    """One successful CLI run into the default item folder: (summary, stderr)."""
+    code, _ = _job(tmp_path, exports, *args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def _item_folders(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "generated").iterdir() if not p.name.startswith("."))
+
+
+def test_default_ids_give_each_image_its_own_video_and_a_rerun_skips(sensitive_exports, bench,
+                                                                      tmp_path, capsys):
+    """The bug: a second image into the default folder exited 0 with the first's video."""
+    exports = sensitive_exports  # their clip depends on the image, so the videos must differ
+    item = _item(bench)
+    pixels = load_pixels(item, 1, None).image
+    a = _png(tmp_path / "a.png", pixels)
+    b = _png(tmp_path / "b.png", np.ascontiguousarray(pixels[:, ::-1]))  # another image
+    first, _ = _run(tmp_path, exports, capsys, *_given(item, a))
+    second, err = _run(tmp_path, exports, capsys, *_given(item, b))
+    assert first["generated"] == second["generated"] == 1 and second["skipped_done"] == 0
+    [folder_a], [folder_b] = (list(map(Path, s["item_dirs"])) for s in (first, second))
+    assert str(folder_b) in err  # the user is told where the video went
+    out = tmp_path / "out"
+    assert _item_folders(out) == sorted([folder_a, folder_b])
+    assert re.fullmatch(r"a-[0-9a-f]{10}", folder_a.name), folder_a.name
+    assert re.fullmatch(r"b-[0-9a-f]{10}", folder_b.name), folder_b.name
+    video_a, video_b = folder_a / "video.mp4", folder_b / "video.mp4"
+    assert video_a.read_bytes() != video_b.read_bytes()
+    frames = json.loads((folder_a / "generation.json").read_text())["stage2"]["pixels"][0]
+    assert not np.array_equal(read_frames(str(video_a), range(frames)),
+                              read_frames(str(video_b), range(frames)))
+
+    # The same input again: found finished, skipped, its folder named, nothing rewritten.
+    mtime = video_a.stat().st_mtime_ns
+    again, err = _run(tmp_path, exports, capsys, *_given(item, a))
+    assert again["generated"] == 0 and again["skipped_done"] == 1
+    assert again["item_dirs"] == first["item_dirs"] and "already done (batch.overwrite" in err
+    assert str(folder_a) in err and video_a.stat().st_mtime_ns == mtime
+    assert _item_folders(out) == sorted([folder_a, folder_b])
+
+    # The same image with another prompt is another item; an explicit --id still wins.
+    other, _ = _run(tmp_path, exports, capsys,
+                    *_given(item, a, "--prompt", item.prompt + " at dusk"))
+    assert other["generated"] == 1 and other["item_dirs"] != first["item_dirs"]
+    named, _ = _run(tmp_path, exports, capsys, *_given(item, a, "--id", "mine"))
+    assert named["generated"] == 1 and named["item_dirs"] == [str(out / "generated" / "mine")]
+    assert len(_item_folders(out)) == 4
+
+
+def test_derived_id_follows_the_inputs_and_the_settings_that_change_the_video(
+        tiny_exports, bench, tmp_path):
+    from jobs.generate import id_settings
+    from jobs.inference_config import GenerateConfig
+    from ttm_ray.config import load_config
+    from ttm_ray.inference.items import item_from_row
+
+    item = _item(bench)
+    image = _png(tmp_path / "cat photo.png", load_pixels(item, 1, None).image)
+    masks = tmp_path / "masks.json"
+    masks.write_bytes(Path(item.annotation).read_bytes())
+    base = {"prompt": item.prompt, "image": image, "motion_prompt": item.motion_prompt,
+            "object_prompts": [{"name": n, "prompt": p} for n, p in item.object_prompts],
+            "annotation": str(masks)}
+
+    def derived(row: dict | None = None, *overrides: str, family: str = "dit") -> str:
+        exports = tiny_exports[family]
+        cfg = load_config(GenerateConfig, QUICKSTART, [
+            f"generation.stage1.export={exports[1]}", f"generation.stage2.export={exports[2]}",
+            *overrides])
+        return item_from_row(row or base, id_settings(cfg)).item_id
+
+    ref = derived()
+    assert re.fullmatch(r"cat_photo-[0-9a-f]{10}", ref), ref
+    assert derived() == ref  # stable: a rerun finds its folder
+    # Nothing that reaches the pipeline identically changes it: spacing of the prompt (it is
+    # normalised), the device, where the same image lies.
+    assert derived({**base, "prompt": "  " + item.prompt.replace(" ", "   ")}) == ref
+    assert derived(None, "generation.device=cuda") == ref
+    (tmp_path / "elsewhere").mkdir()
+    copy = _png(tmp_path / "elsewhere" / "cat photo.png", load_pixels(item, 1, None).image)
+    assert derived({**base, "image": copy}) == ref
+    # Every input and output-changing setting does.
+    others = [
+        derived({**base, "prompt": item.prompt + " slowly"}),
+        derived({**base, "motion_prompt": "it jumps"}),
+        derived({**base, "object_prompts": [{"name": "cat", "prompt": "a cat"}]}),
+        derived(None, "generation.seed=7"),
+        derived(None, "generation.stage2.steps=4"),
+        derived(None, "generation.stage1.scale_text=3.0"),
+        derived(family="unet"),  # other models (their export.json)
+    ]
+    masks.write_text(masks.read_text().replace("{", "{ ", 1))  # same path, other content
+    others.append(derived())
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)  # the image overwritten
+    others.append(derived())
+    assert len({ref, *others}) == len(others) + 1, others
+    # An explicit id wins; a manifest row keeps needing one (its ids name the results).
+    assert derived({**base, "id": "mine"}) == "mine"
+    with pytest.raises(ValueError, match="id: required"):
+        item_from_row(base)
 
 
 class ScriptedLlm:

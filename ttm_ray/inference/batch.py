@@ -43,7 +43,7 @@ from ttm_ray.inference.harness import (
     variant_input,
 )
 from ttm_ray.inference.items import GenerationItem, annotation_request, load_pixels
-from ttm_ray.inference.outputs import is_done, write_outputs
+from ttm_ray.inference.outputs import is_done, item_dir, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class Plan:
     skipped_done: int
     failures: list[dict[str, Any]]
     pending: int = 0  # (item, variant) pairs to generate
+    done: list[str] = field(default_factory=list)  # folders of the pairs skipped as finished
 
 
 def _donor(item: GenerationItem) -> dict[str, Any] | None:
@@ -109,12 +110,12 @@ def _donor(item: GenerationItem) -> dict[str, Any] | None:
 def plan(items: Sequence[GenerationItem], variants: Sequence[str], out_dir: str | Path,
          seed: int = 0, overwrite: bool = False) -> Plan:
     """The work left: per item, the variants not done yet (and those it cannot serve)."""
-    rows, failures, done = [], [], 0
+    rows, failures, done = [], [], []
     for k, item in enumerate(items):
         todo = []
         for v in variants:
             if not overwrite and is_done(Path(out_dir) / v, item.item_id):
-                done += 1
+                done.append(str(item_dir(Path(out_dir) / v, item.item_id)))
             elif v in NEEDS_TRAJECTORY and not item.annotation:
                 failures.append(failure(item.item_id, v, "no_annotation",
                                         f"variant {v} conditions on the item's annotation "
@@ -134,7 +135,7 @@ def plan(items: Sequence[GenerationItem], variants: Sequence[str], out_dir: str 
                        "donor": donor}
             rows.append({"item_id": item.item_id, "payload": json.dumps(payload)})
     pending = sum(len(json.loads(r["payload"])["variants"]) for r in rows)
-    return Plan(rows, done, failures, pending)
+    return Plan(rows, len(done), failures, pending, done)
 
 
 def failure(item_id: str, variant: str | None, reason: str, detail: str) -> dict[str, Any]:

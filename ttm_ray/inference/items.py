@@ -2,7 +2,9 @@
 
 A manifest (JSONL, JSON list, CSV or Parquet; local path or URI) has one item per row::
 
-    id               unique item id (output folder name)
+    id               unique item id (output folder name); required here, since a benchmark's
+                     ids name its results. The one-image CLI path derives one when none is
+                     given: :func:`content_id` (``<image stem>-<10 hex>``)
     prompt           the global prompt c (required)
     image            input image path/URI; optional when reference_video is given
     reference_video  SA-V-128 / Image-Animation-Bench style ground truth: frame 0 is the
@@ -18,9 +20,14 @@ any work starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -28,6 +35,15 @@ from ttm_ray.dataset.video import Video, sample_frame_indices
 
 FIELDS = ("id", "prompt", "image", "reference_video", "subset", "motion_prompt",
           "object_prompts", "annotation")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+ID_HEX = 10  # hex digits of a derived id: 40 bits, collisions negligible within one out dir
+
+
+def safe_name(text: str, default: str = "item") -> str:
+    """``text`` as one filesystem-safe path component (``..`` and ``/`` cannot escape)."""
+    return _UNSAFE.sub("_", text).strip("._") or default
 
 
 class ManifestError(ValueError):
@@ -106,13 +122,18 @@ def _object_prompts(value: Any) -> tuple[tuple[str, str], ...] | None:
     return tuple(out)
 
 
-def item_from_row(row: dict[str, Any]) -> GenerationItem:
-    """One manifest row -> an item (ValueError naming the field)."""
+def item_from_row(row: dict[str, Any],
+                  id_settings: Mapping[str, Any] | None = None) -> GenerationItem:
+    """One manifest row -> an item (ValueError naming the field).
+
+    A row without an id is an error unless ``id_settings`` is given (the one-image CLI path):
+    then the id is :func:`content_id` of the item and those settings.
+    """
     unknown = sorted(set(row) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field(s) {unknown}; known: {list(FIELDS)}")
     item_id = str(row.get("id") or "").strip()
-    if not item_id:
+    if not item_id and id_settings is None:
         raise ValueError("id: required")
     prompt = " ".join(str(row.get("prompt") or "").split())
     if not prompt:
@@ -128,8 +149,54 @@ def item_from_row(row: dict[str, Any]) -> GenerationItem:
         objects = _object_prompts(row.get("object_prompts"))
     except (ValueError, json.JSONDecodeError) as exc:
         raise ValueError(f"object_prompts: {exc}") from exc
-    return GenerationItem(item_id, prompt, opt("image"), opt("reference_video"), opt("subset"),
+    item = GenerationItem(item_id, prompt, opt("image"), opt("reference_video"), opt("subset"),
                           opt("motion_prompt"), objects, opt("annotation"))
+    if item_id:
+        return item
+    return replace(item, item_id=content_id(item, id_settings or {}))
+
+
+def _file_digest(uri: str) -> str:
+    """What stands for a file's content in an id: the sha256 of its bytes for a local file;
+    for a remote URI its address, size and modification time (the object is not downloaded
+    just to name it, yet a replaced object gets a new id). A file that cannot be read is
+    named by its URI alone: the run then reports it as unreadable_input with the reason."""
+    from ttm_ray.dataset.video import is_local, open_input, stat
+
+    try:
+        if not is_local(uri):
+            size, mtime = stat(uri)
+            return f"uri:{uri}:{size}:{mtime}"
+        digest = hashlib.sha256()
+        with open_input(uri) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    except (OSError, ValueError):
+        return f"uri:{uri}"
+
+
+def content_id(item: GenerationItem, settings: Mapping[str, Any]) -> str:
+    """A readable id that changes whenever the item's output would: ``<stem>-<10 hex>``.
+
+    The stem is the input image's (else the reference video's) file name; the hex digits are
+    a sha256 over the input files' content (:func:`_file_digest`: image, reference video,
+    annotation), the prompts as the pipeline reads them and ``settings``, the caller's
+    output-changing configuration (JSON data). The same input and settings give the same id,
+    so a rerun finds its finished folder and skips it; any other input gets a folder of its
+    own instead of an earlier input's video. ``item.item_id`` is ignored.
+    """
+    files = {key: None if uri is None else _file_digest(uri) for key, uri in (
+        ("image", item.image), ("reference_video", item.reference_video),
+        ("annotation", item.annotation))}
+    inputs = {**item.as_dict(), **files}
+    del inputs["id"]
+    blob = json.dumps({"inputs": inputs, "settings": settings}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:ID_HEX]
+    # The file name without folders, extension or a URI's query keeps the id short and
+    # readable; the digest, not the name, tells inputs apart.
+    path = urlsplit(item.source).path if "://" in item.source else item.source
+    return f"{safe_name(PurePosixPath(path).stem)[:48]}-{digest}"
 
 
 def load_items(path: str) -> list[GenerationItem]:
@@ -203,5 +270,6 @@ def annotation_request(item: GenerationItem, frame_indices: list[int], want_llm:
             "want_llm": bool(want_llm), "need_motion": bool(need_motion)}
 
 
-__all__ = ["FIELDS", "GenerationItem", "LoadedItem", "ManifestError", "annotation_request",
-           "item_from_row", "load_items", "load_pixels"]
+__all__ = ["FIELDS", "ID_HEX", "GenerationItem", "LoadedItem", "ManifestError",
+           "annotation_request", "content_id", "item_from_row", "load_items", "load_pixels",
+           "safe_name"]

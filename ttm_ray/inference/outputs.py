@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -27,15 +26,14 @@ import numpy as np
 from ttm_ray.conditioning.trajectory import overlay
 from ttm_ray.dataset.video import write_video
 from ttm_ray.inference.generate import GenerationOutput
+from ttm_ray.inference.items import safe_name
 
 RECORD = "generation.json"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def item_dir(out_dir: str | Path, item_id: str) -> Path:
     """The item's folder (ids are made filesystem-safe; ``..`` cannot escape ``out_dir``)."""
-    name = _SAFE.sub("_", item_id).strip("._") or "item"
-    return Path(out_dir) / name
+    return Path(out_dir) / safe_name(item_id)
 
 
 def is_done(out_dir: str | Path, item_id: str) -> bool:
