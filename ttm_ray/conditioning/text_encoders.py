@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ttm_ray.config import constrained
+from ttm_ray.model_folders import model_folder
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +237,6 @@ class TextEncoder(nn.Module):
         return local, local_ids
 
 
-def _is_model_dir(d: Path) -> bool:
-    return (d / "config.json").is_file()
-
-
 def _is_tokenizer_dir(d: Path) -> bool:
     return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                             "vocab.json", "spiece.model"))
@@ -262,7 +259,7 @@ def load_text_encoder(kind: str, path: str | Path | None, tokenizer_path: str | 
         raise FileNotFoundError(f"text encoder path {root} does not exist: put a {wanted} saved "
                                 f"with save_pretrained (and its tokenizer) there and set "
                                 f"text_encoder.path ({hint})")
-    model_dir = next((d for d in (root, root / "text_encoder") if _is_model_dir(d)), None)
+    model_dir = model_folder(root, ("text_encoder",))
     if model_dir is None:
         raise FileNotFoundError(f"text encoder path {root} has no config.json (nor "
                                 f"text_encoder/config.json): it must hold a {wanted} saved with "

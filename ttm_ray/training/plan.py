@@ -54,12 +54,12 @@ import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ttm_ray.config import constrained
+from ttm_ray.model_folders import model_folder
 
 if TYPE_CHECKING:
     from ttm_ray.conditioning.autoencoders import AutoencoderConfig
@@ -305,9 +305,8 @@ def autoencoder_bytes(cfg: AutoencoderConfig) -> int | None:
         return 0
     import diffusers
 
-    root = Path(cfg.path or "")
-    folder = next((d for d in (root, root / "vae") if (d / "config.json").is_file()), None)
-    if not cfg.path or folder is None:
+    folder = model_folder(cfg.path, ("vae",)) if cfg.path else None
+    if folder is None:
         return None
     cls = getattr(diffusers, "AutoencoderKL" if cfg.kind == "image_vae" else cfg.class_name)
     with torch.device("meta"):
@@ -321,10 +320,8 @@ def text_encoder_bytes(cfg: TextEncoderConfig) -> int | None:
 
     from ttm_ray.conditioning.text_encoders import _MODEL_CLASSES
 
-    root = Path(cfg.path or "")
-    folder = next((d for d in (root, root / "text_encoder") if (d / "config.json").is_file()),
-                  None)
-    if not cfg.path or folder is None:
+    folder = model_folder(cfg.path, ("text_encoder",)) if cfg.path else None
+    if folder is None:
         return None
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     name = _MODEL_CLASSES[cfg.kind].get(config.model_type)
