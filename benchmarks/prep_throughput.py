@@ -346,10 +346,12 @@ def run_ray(cfg: Any, inputs: list[dict]) -> dict[str, Any]:
     """What ``run_pipeline`` does minus the Parquet writes: build the Dataset, stream it."""
     import ray
 
-    from data_prep.pipeline import build_pipeline, check_capacity
+    from data_prep.pipeline import build_pipeline, capacity_bundles
     from data_prep.writer import DoneSet
+    from ttm_ray.ops.capacity import ensure_capacity
 
-    check_capacity(cfg, ray.cluster_resources())  # fail instead of hanging
+    # fail instead of hanging (a local Ray: no autoscaler, so no waiting either)
+    ensure_capacity(capacity_bundles(cfg), timeout_s=0, what="benchmark")
     sink = ray.remote(StageSink).options(num_cpus=0).remote()
     wall_start, start = time.time(), time.perf_counter()
     ds = build_pipeline(cfg, inputs, DoneSet(), WorkerProbe(sink))

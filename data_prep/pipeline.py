@@ -47,6 +47,7 @@ from ttm_ray.dataset.versions import (
     open_version,
     prune_versions,
 )
+from ttm_ray.ops.capacity import ensure_capacity, stage_bundle
 from ttm_ray.tracking import code_version, flatten, log_params, start_mlflow_run
 
 log = logging.getLogger(__name__)
@@ -173,26 +174,15 @@ class StageStats:
                 for k, v in self.totals.items()}
 
 
-def check_capacity(cfg: PrepConfig, cluster: dict[str, float]) -> None:
-    """Fail fast when actor pools would hold every CPU/GPU and starve the other stages.
-
-    Ray Data starts each pool's ``min_actors`` up front; if they take all CPUs, the CPU tasks
-    that feed them never run and the job hangs instead of failing.
-    """
-    specs = [s for s in stage_specs(cfg, None) if s.actors]
-    for kind in ("CPU", "GPU"):
-        field = "num_cpus" if kind == "CPU" else "num_gpus"
-        pinned = sum(getattr(s.resources, field) * s.resources.min_actors for s in specs)
-        need = pinned + (cfg.cpu_stages.num_cpus if kind == "CPU" else 0.0)
-        have = cluster.get(kind, 0.0)
-        if need > have + 1e-9 and (pinned > 0):
-            raise RuntimeError(
-                f"resources: the model stages' actor pools pin {pinned:g} {kind}s "
-                f"(num_{kind.lower()}s x min_actors) and the CPU stages need "
-                f"{cfg.cpu_stages.num_cpus if kind == 'CPU' else 0:g} more, but the cluster has "
-                f"{have:g}: lower resources.<stage>.num_{kind.lower()}s or min_actors, or add "
-                "nodes (an autoscaling cluster counts only its current nodes here)"
-            )
+def capacity_bundles(cfg: PrepConfig) -> list[dict[str, float]]:
+    """What the pipeline needs placed before it can make progress, as bundles for
+    :func:`ttm_ray.ops.capacity.ensure_capacity`: every model stage's ``min_actors`` actors
+    (Ray Data starts them up front) plus one CPU-stage task. If the pools' actors took every
+    CPU, the CPU tasks that feed them would never run and the job would hang instead of
+    failing."""
+    bundles = [stage_bundle(s.resources) for s in stage_specs(cfg, None) if s.actors
+               for _ in range(s.resources.min_actors)]
+    return [*bundles, stage_bundle(cfg.cpu_stages)]
 
 
 def build_pipeline(cfg: PrepConfig, inputs: list[dict], done: DoneSet, stats: Any = None):
@@ -278,8 +268,10 @@ def run_pipeline(cfg: PrepConfig, inputs: list[dict], progress: bool = True,
     reasons: Counter = Counter()
     start = time.perf_counter()
     try:
-        if started:  # a local Ray has a fixed size; an autoscaling cluster can grow
-            check_capacity(cfg, ray.cluster_resources())
+        # A fixed cluster (the local Ray) fails at once if the pools cannot fit; an
+        # autoscaling one is asked for the nodes and given run.capacity_timeout_s to add them.
+        ensure_capacity(capacity_bundles(cfg), timeout_s=cfg.run.capacity_timeout_s,
+                        what="prep")
         ray.data.DataContext.get_current().enable_progress_bars = progress
         stats = ray.remote(StageStats).options(num_cpus=0).remote()
         ds = build_pipeline(cfg, inputs, done, stats)
@@ -306,7 +298,10 @@ def work_rows(cfg: PrepConfig) -> list[dict]:
 
 
 def lineage(cfg: PrepConfig) -> dict[str, Any]:
+    # clip: what a clip is (frames, fps, sizes); training's preflight checks it against the
+    # model before any worker starts.
     return {"source": to_dict(cfg.source), "filter": to_dict(cfg.filter),
+            "clip": to_dict(cfg.clip),
             "config_hash": config_hash(cfg), "code_version": code_version(),
             "work_dir": str(cfg.work_dir)}
 

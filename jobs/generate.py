@@ -131,7 +131,8 @@ def generate_items(cfg: Any, items: list, variants: list[str], engine: str,
 
         init_ray(cfg.run)
         results = B.run_ray(work, cfg.generation, batch_cfg, out, annotator, frames,
-                            cfg.resources, load_stage1=need_stage1, progress=progress)
+                            cfg.resources, load_stage1=need_stage1, progress=progress,
+                            capacity_timeout_s=cfg.run.capacity_timeout_s)
     else:
         results = B.run_local(work, cfg.generation, batch_cfg, out, annotator, frames,
                               load_stage1=need_stage1)

@@ -24,6 +24,11 @@ class RunConfig:
     )
     mlflow_experiment: str = constrained("ttm-ray", nonempty=True)
     seed: int = constrained(0, ge=0)
+    capacity_timeout_s: float = constrained(
+        900.0, ge=0,
+        help="on an autoscaling cluster, how long the job waits for the nodes it asked for "
+             "before failing (names the node type that never came); a fixed cluster fails "
+             "at once")
 
     @property
     def out_dir(self) -> Path:

@@ -44,6 +44,7 @@ from ttm_ray.inference.harness import (
 )
 from ttm_ray.inference.items import GenerationItem, annotation_request, load_pixels
 from ttm_ray.inference.outputs import is_done, item_dir, write_outputs
+from ttm_ray.ops.capacity import ensure_capacity, stage_bundle
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +263,17 @@ def run_local(plan_: Plan, cfg: GenerationConfig, batch: BatchConfig, out_dir: s
 def run_ray(plan_: Plan, cfg: GenerationConfig, batch: BatchConfig, out_dir: str | Path,
             annotator_factory: Callable[[], Annotator], frames: int,
             resources: InferenceResources, load_stage1: bool = True,
-            progress: bool = True) -> list[dict[str, Any]]:
-    """The same workers on Ray Data actor pools (streaming; placement from ``resources``)."""
+            progress: bool = True, capacity_timeout_s: float = 900.0) -> list[dict[str, Any]]:
+    """The same workers on Ray Data actor pools (streaming; placement from ``resources``).
+    ``capacity_timeout_s``: how long an autoscaling cluster gets to add the pools' nodes
+    (``run.capacity_timeout_s``); a fixed one that cannot hold them fails at once."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     if not plan_.rows:
         return []
-    check_capacity(resources, ray.cluster_resources())
+    ensure_capacity(capacity_bundles(resources), timeout_s=capacity_timeout_s,
+                    what="generate")
     DataContext.get_current().enable_progress_bars = progress
     # One block per item (up to 200) straight from the driver: no shuffle task that would
     # need a CPU the two actor pools may be holding.
@@ -285,21 +289,11 @@ def run_ray(plan_: Plan, cfg: GenerationConfig, batch: BatchConfig, out_dir: str
     return _decode(ds.take_all())
 
 
-def check_capacity(resources: InferenceResources, cluster: dict[str, float]) -> None:
-    """Fail fast when the two pools' minimum actors cannot all be placed: Ray Data would
-    otherwise wait forever for the second pool (an autoscaling cluster counts only the nodes
-    it has now)."""
-    pools = (("annotate", resources.annotate), ("generate", resources.generate))
-    for kind, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
-        need = sum(getattr(r, attr) * r.min_actors for _, r in pools)
-        have = cluster.get(kind, 0.0)
-        if need > have + 1e-9:
-            detail = ", ".join(f"resources.{n}: {getattr(r, attr):g} x {r.min_actors}"
-                               for n, r in pools)
-            raise RuntimeError(
-                f"the annotate and generate actor pools need {need:g} {kind}s at least "
-                f"({detail}) but the cluster has {have:g}: lower num_{kind.lower()}s or "
-                "min_actors, or add nodes")
+def capacity_bundles(resources: InferenceResources) -> list[dict[str, float]]:
+    """The two pools' minimum actors as bundles: Ray Data starts them up front and would
+    otherwise wait forever for the second pool on a cluster that cannot hold both."""
+    return [stage_bundle(r) for r in (resources.annotate, resources.generate)
+            for _ in range(r.min_actors)]
 
 
 class _Rows:
@@ -335,5 +329,5 @@ def record_results(out_dir: str | Path, results: list[dict[str, Any]],
 
 
 __all__ = ["FAILURES", "RESULTS", "AnnotateWorker", "BatchConfig", "GenerateWorker",
-           "InferenceResources", "Plan", "check_capacity", "failure", "plan",
+           "InferenceResources", "Plan", "capacity_bundles", "failure", "plan",
            "record_results", "run_local", "run_ray"]
