@@ -9,14 +9,15 @@ from ttm_ray.models.registry import (
     build_model,
     count_parameters,
     get_family,
-    load_weights,
     resolve_family_config,
 )
+from ttm_ray.models.weights import check_init_from, load_weights
 
 __all__ = [
     "Family",
     "ModelConfig",
     "build_model",
+    "check_init_from",
     "count_parameters",
     "get_family",
     "load_weights",

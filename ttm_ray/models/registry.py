@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ttm_ray.models.config import ModelConfig
+from ttm_ray.models.weights import load_weights
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
     skips ``init_from``. Weights
     in ``init_from`` are a safetensors file or a directory holding ``model.safetensors`` (what
     training exports); missing keys are allowed only for the stage-2 additions, so a stage-2
-    model can start from a stage-1 / text-to-video checkpoint.
+    model can start from a stage-1 / text-to-video checkpoint, and a text-to-video
+    checkpoint's narrow input layer loads into the widened one (``models.weights``;
+    ``check_init_from`` checks a file without loading it).
     """
     family = get_family(cfg.family)
     family_cfg = resolve_family_config(cfg)
@@ -96,30 +98,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
     if cfg.init_from and str(device) != "meta":
         load_weights(model, cfg.init_from)
     return model
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load exported weights into ``model`` (safetensors only: no unpickling of files that may
-    come from elsewhere). Keys the checkpoint lacks must all be stage-2 additions."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"model.init_from: no weights at {file}; give a .safetensors file or a directory "
-            "with model.safetensors (what `ttm-ray train` exports)")
-    state = load_file(str(file))
-    result = model.load_state_dict(state, strict=False)
-    # Both families name their stage-2 additions ``masked_*`` (and widened inputs are loaded
-    # whole), so a stage-1 checkpoint lacks exactly those keys.
-    missing = [k for k in result.missing_keys if "masked_" not in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{file}: weights do not match the model: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
-            f"{' ...' if len(result.unexpected_keys) > 5 else ''}; check model.family/size/stage "
-            "against the run that exported them")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

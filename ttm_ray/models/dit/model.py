@@ -5,8 +5,10 @@ Contract (``ttm_ray.conditioning.batch``)::
     model(x_t [B, C, T, H, W], t [B] in [0, 1], cond: ModelConditioning) -> [B, C, T, H, W]
 
 Data flow: ``concat(x_t, cond.visual)`` on channels -> Conv3d patchify (kernel = stride =
-``patch``) -> tokens ``[B, N, D]`` in (t, h, w) raster order -> blocks (each adds the
-factorized positional embedding first) -> final adaLN + linear -> unpatchify.
+``patch``; its condition channels widen the text-to-video patchify, see
+:mod:`ttm_ray.models.widening`, so a text-to-video checkpoint loads into it) -> tokens
+``[B, N, D]`` in (t, h, w) raster order -> blocks (each adds the factorized positional
+embedding first) -> final adaLN + linear -> unpatchify.
 The text (``cond.text``; stage 2 also ``cond.local_text``) goes through one shared projection
 to the model width, so global and local prompts live in the same space.
 """
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ttm_ray.conditioning.batch import ModelConditioning
 from ttm_ray.models.dit.blocks import DiTBlock, FinalLayer, TimestepEmbedding
 from ttm_ray.models.dit.config import DiTConfig
+from ttm_ray.models.widening import init_input_weight_, widen_input
 
 #: Parameter-name fragments that mark the stage-2 additions (for reports and for loading a
 #: checkpoint without them).
@@ -36,8 +39,12 @@ class TTMDiT(nn.Module):
         cfg.validate()
         self.config = cfg
         d = cfg.dim
-        self.patchify = nn.Conv3d(cfg.in_channels + cfg.visual_channels, d,
-                                  kernel_size=cfg.patch, stride=cfg.patch)
+        # The text-to-video patchify over x_t's channels, widened by the condition channels
+        # (visual_channels = 0 is the text-to-video model): its checkpoint loads with the
+        # condition weights at zero. One joint weight, the layout DiT checkpoints have.
+        self.patchify = widen_input(
+            nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch, stride=cfg.patch),
+            cfg.visual_channels, split=False)
         # Factorized learnable positions: T + H + W rows instead of T * H * W, so a model
         # trained at one grid can run on any smaller one by slicing.
         self.pos_t = nn.Parameter(torch.randn(cfg.max_t_tokens, d) * 0.02)
@@ -65,8 +72,11 @@ class TTMDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        w = self.patchify.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        # From scratch there is no text-to-video model to preserve: Xavier over all input
+        # channels at once, as for one Conv3d (loading a text-to-video checkpoint zeroes the
+        # condition channels; see ttm_ray.models.widening).
+        init_input_weight_(self.patchify,
+                           lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
         nn.init.zeros_(self.patchify.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)

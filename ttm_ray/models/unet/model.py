@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
@@ -36,36 +35,13 @@ from ttm_ray.models.unet.processors import (
     MaskedBlock,
     TTMAttnProcessor,
 )
+from ttm_ray.models.widening import EXTRA, widen_input
 
 #: Parameter-name prefixes of the stage-2 additions (for reports and for loading a checkpoint
-#: without them; ``registry.load_weights`` matches the ``masked_`` in them).
+#: without them; ``models.weights.load_weights`` matches the ``masked_`` in them).
 MASKED_PREFIXES = ("masked_layers.",)
-#: The zero-initialised input weights of the condition channels.
-WIDENING_PARAM = "unet.conv_in.visual_weight"
-
-
-class WidenedConv2d(nn.Module):
-    """The base U-Net's input convolution plus zero-initialised weights for extra input
-    channels. Equal to one ``Conv2d`` over ``base + extra`` channels (one conv op), but the
-    new weights are their own parameter: the base keeps its pretrained key
-    (``conv_in.weight``) and the report can count the widening."""
-
-    def __init__(self, base: nn.Conv2d, extra_channels: int) -> None:
-        super().__init__()
-        if base.groups != 1 or base.padding_mode != "zeros":
-            raise ValueError("only a plain zero-padded Conv2d can be widened")
-        self.weight = base.weight
-        self.bias = base.bias
-        self.visual_weight = nn.Parameter(torch.zeros(
-            base.out_channels, extra_channels, *base.kernel_size,
-            dtype=base.weight.dtype, device=base.weight.device))
-        self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
-        self.in_channels = base.in_channels + extra_channels
-        self.out_channels = base.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat([self.weight, self.visual_weight.to(self.weight.dtype)], dim=1)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+#: The zero-initialised input weights of the condition channels (``widening.WidenedConv``).
+WIDENING_PARAM = f"unet.conv_in.{EXTRA}"
 
 
 class TTMUNet(nn.Module):
@@ -84,8 +60,10 @@ class TTMUNet(nn.Module):
         on_meta = torch.empty(()).device.type == "meta"
         self.unet = (load_motion_unet(cfg) if cfg.pretrained_unet and not on_meta
                      else build_motion_unet(cfg))
-        if cfg.visual_channels:
-            self.unet.conv_in = WidenedConv2d(self.unet.conv_in, cfg.visual_channels)
+        # SD1.5's conv_in keeps its key and shape (``unet.conv_in.weight``); the condition
+        # channels are a zero-initialised widening, their own parameter (split layout,
+        # ttm_ray.models.widening).
+        self.unet.conv_in = widen_input(self.unet.conv_in, cfg.visual_channels, split=True)
         heads = cfg.masked_heads or cfg.attention_heads
         self.masked_layers = nn.ModuleList(
             MaskedBlock(cfg.block_out_channels[level], heads, cfg.text_dim, cfg.masked_qk_norm)
