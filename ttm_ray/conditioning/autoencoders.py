@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ttm_ray.config import constrained
+from ttm_ray.model_folders import model_folder
 
 #: diffusers video autoencoders this module knows how to read (factors, channels, latent
 #: statistics). All of them are causal in time (first frame alone: ``1 + (T-1)/ft``).
@@ -113,6 +114,86 @@ class AutoencoderConfig:
                 vae = load_diffusers_vae(self.class_name, self.path, dtype, kind=self.kind)
                 ae = VideoVAE(vae, chunk_videos=self.chunk_videos, posterior=self.posterior)
         return ae.to(device) if device is not None else ae
+
+
+def pixel_frames(latent_frames: int, temporal_factor: int, causal: bool) -> int:
+    """Pixel frames that encode to ``latent_frames``: the one rule every side uses (training
+    clip length, the prep config's ``clip.num_frames``, inference output length).
+
+    A causal tokenizer encodes the first frame alone (``1 + ft * k`` frames give ``1 + k``
+    latent frames); a non-causal one folds ``ft`` frames per latent frame (``ft * k``).
+    """
+    if latent_frames < 1 or temporal_factor < 1:
+        raise ValueError(f"latent_frames {latent_frames} and temporal_factor "
+                         f"{temporal_factor} must be >= 1")
+    return 1 + (latent_frames - 1) * temporal_factor if causal else \
+        latent_frames * temporal_factor
+
+
+@dataclass(frozen=True)
+class AutoencoderGeometry:
+    """An autoencoder's compression, known without loading its weights (preflight)."""
+
+    temporal_factor: int
+    spatial_factor: int
+    causal: bool
+    latent_channels: int | None  # None: not stated where the factors were read
+    source: str  # where the factors were read: "config.json at ...", "pixel settings", ...
+
+    def pixel_shape(self, latent_frames: int, latent_height: int, latent_width: int
+                    ) -> tuple[int, int, int]:
+        """``(T, H, W)`` pixels of a latent grid."""
+        return (pixel_frames(latent_frames, self.temporal_factor, self.causal),
+                latent_height * self.spatial_factor, latent_width * self.spatial_factor)
+
+
+def vae_folder(path: str | Path) -> Path | None:
+    """The folder holding the VAE's config.json: ``path`` itself or a pipeline's ``vae/``."""
+    return model_folder(path, ("vae",))
+
+
+def geometry(cfg: AutoencoderConfig) -> AutoencoderGeometry:
+    """Compression factors of ``cfg`` from its settings or its ``config.json`` (no weights
+    are loaded). When the folder is missing, the diffusers class's own defaults stand in (the
+    preflight reports the missing folder separately), so a frame-count problem and a missing
+    weights problem are both reported in one pass."""
+    if cfg.kind == "pixel":
+        ft = cfg.temporal_factor or _PIXEL_DEFAULTS["temporal_factor"]
+        f = cfg.spatial_factor or _PIXEL_DEFAULTS["spatial_factor"]
+        return AutoencoderGeometry(ft, f, False, 3 * ft * f * f, "pixel settings")
+    class_name = "AutoencoderKL" if cfg.kind == "image_vae" else cfg.class_name
+    folder = vae_folder(cfg.path) if cfg.path else None
+    if folder is not None:
+        values = json.loads((folder / "config.json").read_text())
+        source = f"{folder / 'config.json'}"
+    else:
+        import inspect
+
+        import diffusers
+
+        signature = inspect.signature(getattr(diffusers, class_name).__init__)
+        values = {k: p.default for k, p in signature.parameters.items()
+                  if p.default is not inspect.Parameter.empty}
+        source = f"diffusers {class_name} defaults (autoencoder.path not found)"
+    def first(*names: str) -> int | None:
+        return next((int(values[n]) for n in names if values.get(n) is not None), None)
+
+    channels = first("latent_channels", "z_dim")
+    if cfg.kind == "image_vae":
+        f = 2 ** (len(values.get("block_out_channels") or (0,)) - 1)
+        return AutoencoderGeometry(1, f, False, channels, source)
+
+    ft = first("temporal_compression_ratio", "scale_factor_temporal")
+    fs = first("spatial_compression_ratio", "scale_factor_spatial")
+    if class_name == "AutoencoderKLLTXVideo" and (ft is None or fs is None):
+        # LTX computes its factors in __init__ from the patch sizes and block layout.
+        ft = ft or int(values.get("patch_size_t", 1)) * 2 ** sum(
+            bool(x) for x in values.get("spatio_temporal_scaling") or ())
+        fs = fs or int(values.get("patch_size", 1)) * 2 ** sum(
+            bool(x) for x in values.get("spatio_temporal_scaling") or ())
+    if ft is None or fs is None:
+        raise ValueError(f"cannot read the compression factors of {class_name} from {source}")
+    return AutoencoderGeometry(ft, fs, VideoVAE.causal, channels, source)
 
 
 class Autoencoder(nn.Module):
@@ -199,8 +280,8 @@ class Autoencoder(nn.Module):
                     ) -> tuple[int, int, int, int]:
         """``(3, T, H, W)`` that ``decode`` returns for one latent of that grid."""
         ft, fh, fw = self.factors
-        frames = 1 + (latent_frames - 1) * ft if self.causal else latent_frames * ft
-        return (3, frames, latent_height * fh, latent_width * fw)
+        return (3, pixel_frames(latent_frames, ft, self.causal), latent_height * fh,
+                latent_width * fw)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -424,7 +505,7 @@ def load_diffusers_vae(class_name: str, path: str | Path | None, dtype: torch.dt
             f"autoencoder path {root} does not exist: put a {class_name} saved with "
             f"save_pretrained there (config.json + weights) and set autoencoder.path, or use "
             f"kind: pixel ({hint})")
-    folder = next((d for d in (root, root / "vae") if (d / "config.json").is_file()), None)
+    folder = vae_folder(root)
     if folder is None:
         raise FileNotFoundError(
             f"autoencoder path {root} has no config.json (nor vae/config.json): it must hold a "
@@ -453,8 +534,12 @@ __all__ = [
     "VIDEO_VAE_CLASSES",
     "Autoencoder",
     "AutoencoderConfig",
+    "AutoencoderGeometry",
     "ImageVAE",
     "PixelAutoencoder",
     "VideoVAE",
+    "geometry",
     "load_diffusers_vae",
+    "pixel_frames",
+    "vae_folder",
 ]

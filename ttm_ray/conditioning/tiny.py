@@ -141,11 +141,10 @@ def build_tiny_image_vae(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def _tiny_video_vae(class_name: str) -> Any:
+def _tiny_video_vae(class_name: str, channels: int = 4) -> Any:
     """Constructor of a tiny ``class_name`` whose config states its true factors."""
     import diffusers
 
-    channels = 4
     stats = {"latents_mean": [0.1 * i - 0.2 for i in range(channels * 2)],
              "latents_std": [0.5 + 0.1 * i for i in range(channels * 2)]}
     kwargs: dict[str, dict[str, Any]] = {
@@ -176,12 +175,13 @@ def _tiny_video_vae(class_name: str) -> Any:
 
 
 def build_tiny_video_vae(path: str | Path, class_name: str = "AutoencoderKLCosmos",
-                         seed: int = 0) -> Path:
-    """A tiny diffusers temporal autoencoder (4 latent channels; Cosmos: 8x8x8) in ``path``."""
+                         seed: int = 0, latent_channels: int = 4) -> Path:
+    """A tiny diffusers temporal autoencoder (``latent_channels``, 4 by default; Cosmos:
+    8x8x8; the rehearsal builds the paper's 16) in ``path``."""
     path = Path(path)
     if _done(path):
         return path
-    vae = _seeded(seed, _tiny_video_vae(class_name))
+    vae = _seeded(seed, _tiny_video_vae(class_name, latent_channels))
     buffers = dict(vae.named_buffers())
     if "latents_mean" in buffers:  # LTX keeps its statistics as buffers: make them non-trivial
         mean, std = buffers["latents_mean"], buffers["latents_std"]
