@@ -7,6 +7,13 @@ Reads a published dataset version, trains with the config's ZeRO stage on
 from the last checkpoint; resubmitting the same run.name resumes the run (same MLflow run).
 
     ttm-ray train --config jobs/configs/train/dit_stage1_tiny.yaml
+    ttm-ray train --config jobs/configs/train/dit_stage2.yaml --preflight   # checks only
+
+Before any worker starts (and alone with --preflight) the job checks every weights folder and
+file, init_from's tensor shapes against the model, and that the dataset version's clips have
+the frame count and resolution the model's latent grid needs through the autoencoder; every
+problem is reported at once (exit 2). On an autoscaling cluster it then asks the autoscaler
+for the training nodes and waits up to run.capacity_timeout_s.
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m jobs.train --config jobs/configs/train/dit_stage2.yaml
 """
@@ -22,6 +29,8 @@ DEFAULT_CONFIG = "jobs/configs/train/dit_stage1_tiny.yaml"
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = job_parser(prog, __doc__ or "", DEFAULT_CONFIG)
+    parser.add_argument("--preflight", action="store_true",
+                        help="run the checks only (no Ray, nothing written); exit 0 if they pass")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
 
@@ -30,6 +39,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from ttm_ray.training.trainer import train
 
         cfg = load_job_config(TrainConfig, args)
+        if args.preflight:
+            return train(cfg, preflight_only=True)
         summary = train(cfg)
         print(f"[train] {summary['run_name']}: checkpoints in {summary['storage']}, export in "
               f"{summary.get('export')}, MLflow run {summary['mlflow_run_id']} "

@@ -4,6 +4,10 @@ A job config file is a mapping. It may name one or more base files (``base: ../x
 list, relative to the file itself); bases are merged first, in order, then the file on top.
 Mappings merge key by key (an empty ``{}`` clears); lists and scalars replace. ``--set
 a.b=value`` overrides parse ``value`` as YAML (``1e-4`` a float, ``[1, 2]`` a list).
+
+``${NAME}`` inside a string value is replaced by the environment variable ``NAME`` (an unset
+one is a config error naming the key): how one file names a root that differs per machine,
+e.g. the rehearsal overlays' ``${TTM_REHEARSAL_ROOT}``. Nothing else is interpolated.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,6 +103,31 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return out
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, problems: list[str], path: str = "") -> Any:
+    """``data`` with every ``${NAME}`` in its strings replaced from the environment; unset
+    names are added to ``problems`` with their key path."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, problems, f"{path}.{k}" if path else str(k))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, problems, f"{path}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in os.environ:
+            problems.append(f"{path}: environment variable {name} is not set (the value "
+                            f"{data!r} names it): export {name}=...")
+            return match[0]
+        return os.environ[name]
+
+    return _ENV_REF.sub(value, data)
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
@@ -110,6 +141,10 @@ def load_config(
     if overrides:
         data = apply_overrides(data, overrides)
         source = f"{source} (with --set {' '.join(overrides)})"
+    problems: list[str] = []
+    data = expand_env(data, problems)
+    if problems:
+        raise ConfigError(problems, source)
     return from_dict(cls, data, source)
 
 

@@ -158,3 +158,8 @@ class TrainConfig:
     def out_dir(self) -> Path:
         """``<run.root>/<run.name>``: effective config, export, debug markers."""
         return self.run.out_dir
+
+    @property
+    def bad_rows_file(self) -> Path:
+        """Written by the workers when too many rows are bad (``data.max_bad_fraction``)."""
+        return self.out_dir / "bad_rows.json"

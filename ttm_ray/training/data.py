@@ -77,6 +77,11 @@ class TrainDataConfig:
         None, help="clip_id of the fixed validation clip (MLflow samples); null: row 0")
     row_group_cache: int = constrained(
         4, gt=0, help="Parquet row groups kept in memory per worker (random access)")
+    max_bad_fraction: float = constrained(
+        0.01, ge=0, le=1,
+        help="rows that cannot become a sample (undecodable video, bad masks, empty prompt) "
+             "are skipped, replaced by the next good row and counted; more than this fraction "
+             "of the dataset's rows stops the run with the list (<run>/bad_rows.json)")
 
 
 # ----------------------------------------------------------------------------- position
@@ -161,6 +166,31 @@ class ShardedSampler:
 
 
 # ----------------------------------------------------------------------------- the data
+#: Rows tried after a bad one before giving up on the batch (a run of this many bad rows is
+#: far past any sane max_bad_fraction: the dataset or the reader is broken).
+MAX_REPLACEMENT_TRIES = 64
+
+
+class BadRowsError(RuntimeError):
+    """Too many rows of the dataset cannot become samples; lists them."""
+
+    def __init__(self, bad_rows: dict[int, str], num_rows: int) -> None:
+        self.bad_rows = dict(bad_rows)
+        shown = "\n".join(f"  row {i}: {r}" for i, r in sorted(bad_rows.items())[:20])
+        more = f"\n  ... and {len(bad_rows) - 20} more" if len(bad_rows) > 20 else ""
+        super().__init__(f"{len(bad_rows)} of {num_rows} dataset rows cannot be trained on "
+                         f"(data.max_bad_fraction):\n{shown}{more}")
+
+
+def _prepare_or_bad(row: dict[str, Any], spec: ClipSpec) -> Clip | BadClipError:
+    """:func:`prepare_clip` with a bad row returned as data (errors as data: the caller
+    counts and replaces it instead of failing the step)."""
+    try:
+        return prepare_clip(row, spec)
+    except BadClipError as exc:
+        return exc
+
+
 class TrainingData:
     """Rows of one dataset version -> encoded training batches, on one worker.
 
@@ -183,7 +213,10 @@ class TrainingData:
         self.spec = self._clip_spec()
         self._pool = ThreadPoolExecutor(max_workers=cfg.decode_threads,
                                         thread_name_prefix="ttm-data")
-        self._ahead: OrderedDict[tuple[int, ...], list[Future[Clip]]] = OrderedDict()
+        self._ahead: OrderedDict[tuple[int, ...], list[Future[Clip | BadClipError]]] = \
+            OrderedDict()
+        #: rows that could not become a sample on this worker: row index -> reason
+        self.bad_rows: dict[int, str] = {}
         self._lock = threading.Lock()
         self._validation: tuple[torch.Tensor, ModelConditioning, dict[str, Any]] | None = None
 
@@ -216,9 +249,9 @@ class TrainingData:
         return self.spec.frames, self.spec.height, self.spec.width
 
     # ------------------------------------------------------------------ CPU half
-    def _submit(self, indices: Sequence[int]) -> list[Future[Clip]]:
+    def _submit(self, indices: Sequence[int]) -> list[Future[Clip | BadClipError]]:
         rows = self._rows.rows(indices)
-        return [self._pool.submit(prepare_clip, row, self.spec) for row in rows]
+        return [self._pool.submit(_prepare_or_bad, row, self.spec) for row in rows]
 
     def prefetch(self, batches: Sequence[Sequence[int]]) -> None:
         """Start decoding these micro batches (row indices) on the CPU threads; ``batch``
@@ -235,13 +268,34 @@ class TrainingData:
                         f.cancel()
 
     def clips(self, indices: Sequence[int]) -> list[Clip]:
-        """Decoded clips of ``indices`` (CPU); raises :class:`BadClipError` naming the clip."""
+        """Decoded clips of ``indices`` (CPU). A bad row is recorded in :attr:`bad_rows` and
+        replaced by the next good row after it (deterministic, so a resumed run sees the same
+        batch); the loop decides when too many are bad."""
         key = tuple(int(i) for i in indices)
         with self._lock:
             futures = self._ahead.pop(key, None)
         if futures is None:
             futures = self._submit(key)
-        return [f.result() for f in futures]
+        out = []
+        for index, future in zip(key, futures, strict=True):
+            clip = future.result()
+            if isinstance(clip, BadClipError):
+                clip = self._replacement(index, clip)
+            out.append(clip)
+        return out
+
+    def _replacement(self, index: int, error: BadClipError) -> Clip:
+        """Record ``index`` as bad and decode the rows after it until one is good."""
+        self.bad_rows[index] = str(error)
+        for step in range(1, min(self.num_rows, MAX_REPLACEMENT_TRIES + 1)):
+            candidate = (index + step) % self.num_rows
+            if candidate in self.bad_rows:
+                continue
+            clip = _prepare_or_bad(self._rows.rows([candidate])[0], self.spec)
+            if not isinstance(clip, BadClipError):
+                return clip
+            self.bad_rows[candidate] = str(clip)
+        raise BadRowsError(self.bad_rows, self.num_rows)
 
     # ------------------------------------------------------------------ device half
     def batch(self, indices: Sequence[int], generator: torch.Generator | None = None
@@ -307,6 +361,7 @@ class TrainingData:
 
 __all__ = [
     "BadClipError",
+    "BadRowsError",
     "DataPosition",
     "Encoders",
     "EncodersConfig",

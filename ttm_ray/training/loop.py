@@ -110,8 +110,14 @@ def train_worker(config: dict[str, Any]) -> None:
         state.step += 1
         state.position = sampler.advance(state.position)
         tracker.tick()
+        bad_rows = count_over_ranks(len(data.bad_rows), device)
+        if bad_rows > cfg.data.max_bad_fraction * data.num_rows:
+            # Every rank sees the same count, so all stop together (no crash loop: a retry
+            # would read the same rows); the driver turns the file into the job's error.
+            write_bad_rows(cfg, data, rank, world, state.step)
+            break
         last = state.step == max_steps
-        metrics = {"step": state.step}
+        metrics = {"step": state.step, "bad_rows": bad_rows}
         if state.step % cfg.logging.log_every == 0 or last:
             metrics.update(loss=mean_over_ranks(loss), lr=lr,
                            grad_norm=grad_norm(engine), **tracker.throughput())
@@ -165,6 +171,35 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     total = value.detach().float().clone()
     dist.all_reduce(total)
     return total.item() / dist.get_world_size()
+
+
+def count_over_ranks(count: int, device: torch.device) -> int:
+    """The sum of a per-rank count (collective: every rank calls it every step)."""
+    import torch.distributed as dist
+
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def write_bad_rows(cfg: TrainConfig, data: TrainingData, rank: int, world: int,
+                   step: int) -> None:
+    """Gather every rank's bad rows; rank 0 writes ``<run>/bad_rows.json`` (collective)."""
+    import json
+
+    import torch.distributed as dist
+
+    gathered: list[dict[int, str] | None] = [None] * world
+    dist.all_gather_object(gathered, data.bad_rows)
+    if rank != 0:
+        return
+    rows = {i: r for part in gathered for i, r in (part or {}).items()}
+    path = cfg.bad_rows_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "step": step, "dataset_version": data.version, "num_rows": data.num_rows,
+        "max_bad_fraction": cfg.data.max_bad_fraction,
+        "bad_rows": [{"row": i, "error": r} for i, r in sorted(rows.items())]}, indent=2))
 
 
 def grad_norm(engine: Any) -> float:

@@ -13,36 +13,42 @@ the run, with the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ttm_ray.config import ConfigError, config_hash, to_dict, write_effective_config
-from ttm_ray.dataset.versions import DatasetVersionError, open_version
+from ttm_ray.config import config_hash, to_dict, write_effective_config
 from ttm_ray.tracking import code_version
 from ttm_ray.training.checkpoint import (
     PROBE,
     Probe,
     export_weights,
-    latest_meta,
     read_meta,
     verify_export,
 )
 from ttm_ray.training.config import TrainConfig
+from ttm_ray.training.preflight import Preflight, missing_paths, preflight
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Preflight:
-    """What the driver resolved before starting workers."""
+class BadRowsStop(RuntimeError):
+    """The workers stopped: more than ``data.max_bad_fraction`` of the rows are bad."""
 
-    dataset_version: str  # concrete name (never "latest": a resume must read the same rows)
-    run_storage: str  # <storage>/<run.name>: Ray Train's folder for this run
-    resume_step: int | None  # step of the checkpoint a resubmission continues from
+    def __init__(self, path: Path) -> None:
+        report = json.loads(path.read_text())
+        rows = report["bad_rows"]
+        shown = "\n".join(f"  row {r['row']}: {r['error']}" for r in rows[:20])
+        more = f"\n  ... and {len(rows) - 20} more" if len(rows) > 20 else ""
+        super().__init__(
+            f"stopped at step {report['step']}: {len(rows)} of {report['num_rows']} rows of "
+            f"{report['dataset_version']} cannot be trained on, more than data.max_bad_fraction "
+            f"{report['max_bad_fraction']} (full list: {path}):\n{shown}{more}\nfix or reject "
+            "them in data prep and publish a new version, or raise data.max_bad_fraction")
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
@@ -75,46 +81,6 @@ def absolute(path: str | None) -> str | None:
     return str(Path(path).resolve())
 
 
-def missing_paths(cfg: TrainConfig) -> list[str]:
-    """Model/encoder folders given as relative paths that do not exist here: a worker could
-    never find them, so the run is refused before any worker starts (absolute paths may live
-    only on the training nodes and are checked there)."""
-    raw = {"encoders.text_encoder.path": cfg.encoders.text_encoder.path,
-           "encoders.autoencoder.path": cfg.encoders.autoencoder.path,
-           "model.init_from": cfg.model.init_from}
-    return [f"{key}: {path} does not exist (relative to {Path.cwd()})"
-            for key, path in raw.items()
-            if path and "://" not in path and not Path(path).is_absolute()
-            and not Path(path).exists()]
-
-
-def preflight(cfg: TrainConfig, errors: list[str] | None = None) -> Preflight:
-    """Checks that need the filesystem; raises ConfigError listing every problem (with the
-    ``errors`` found before paths were resolved), so one attempt shows them all."""
-    errors = list(errors or [])
-    version = None
-    try:
-        version = open_version(cfg.data.dataset_root, cfg.data.version).name
-    except DatasetVersionError as exc:
-        errors.append(f"data.version: {exc}")
-    run_storage = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run.name}"
-    meta = latest_meta(run_storage)
-    if meta is not None and version is not None and meta["dataset_version"] != version:
-        if cfg.data.version == "latest":
-            # The run started on an older version: keep reading it, or the data position
-            # would point into different rows.
-            log.info("resuming %s on its dataset version %s (latest is now %s)",
-                     cfg.run.name, meta["dataset_version"], version)
-            version = meta["dataset_version"]
-        else:
-            errors.append(f"data.version: {version} but run {cfg.run.name!r} was checkpointed "
-                          f"on {meta['dataset_version']}; use that version or a new run.name")
-    if errors:
-        raise ConfigError(errors)
-    assert version is not None
-    return Preflight(version, run_storage, meta["step"] if meta else None)
-
-
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
     """Environment of the training workers: DeepSpeed's CPU accelerator off-GPU, and the
     driver's JIT-extension cache so the CPU comm op is built once, not per worker."""
@@ -126,6 +92,23 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def worker_bundle(cfg: TrainConfig) -> dict[str, float]:
+    """What one training worker asks Ray for (the capacity check asks for the same)."""
+    s = cfg.scaling
+    bundle: dict[str, float] = {"CPU": s.cpus_per_worker, **s.custom_resources}
+    if s.use_gpu:
+        bundle["GPU"] = 1
+    return bundle
+
+
+def capacity_bundle(cfg: TrainConfig) -> dict[str, float]:
+    """A worker's bundle plus the accelerator-type share Ray Train adds to it."""
+    bundle = worker_bundle(cfg)
+    if cfg.scaling.accelerator_type:
+        bundle[f"accelerator_type:{cfg.scaling.accelerator_type}"] = 0.001
+    return bundle
+
+
 def build_trainer(cfg: TrainConfig, pre: Preflight, mlflow_run_id: str) -> Any:
     """The ``TorchTrainer`` of the run (Ray Train V2 API)."""
     import ray.train
@@ -134,16 +117,14 @@ def build_trainer(cfg: TrainConfig, pre: Preflight, mlflow_run_id: str) -> Any:
     from ttm_ray.training.loop import train_worker
 
     s = cfg.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.custom_resources}
-    if s.use_gpu:
-        resources["GPU"] = 1
     job = {"dataset_version": pre.dataset_version, "mlflow_run_id": mlflow_run_id,
            "config_hash": config_hash(cfg)}
     return TorchTrainer(
         train_worker,
         train_loop_config={"train": to_dict(cfg), "job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            num_workers=s.num_workers, use_gpu=s.use_gpu,
+            resources_per_worker=worker_bundle(cfg),
             accelerator_type=s.accelerator_type, placement_strategy=s.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -155,22 +136,35 @@ def build_trainer(cfg: TrainConfig, pre: Preflight, mlflow_run_id: str) -> Any:
     )
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Preflight, train on Ray, export; returns the job summary."""
+def train(cfg: TrainConfig, preflight_only: bool = False) -> dict[str, Any]:
+    """Preflight, train on Ray, export; returns the job summary. ``preflight_only``: stop
+    after the checks (no Ray, nothing written)."""
     from ttm_ray.runtime import init_ray
     from ttm_ray.training.mlflow_logging import resolve_run
+    from ttm_ray.training.preflight import summary as preflight_summary
 
     start = time.perf_counter()
     missing = missing_paths(cfg)  # relative paths: checked before they are resolved
     cfg = resolve_paths(cfg)
     pre = preflight(cfg, missing)  # before Ray: a bad config never costs a cluster
+    if preflight_only:
+        return preflight_summary(cfg, pre)
+    from ttm_ray.ops.capacity import ensure_capacity
+
     write_effective_config(cfg, cfg.out_dir)
     init_ray(cfg.run)
+    # On an autoscaling cluster the training nodes start at zero: ask for them and wait.
+    ensure_capacity([capacity_bundle(cfg)] * cfg.scaling.num_workers,
+                    timeout_s=cfg.run.capacity_timeout_s, what=f"train {cfg.run.name}")
     run_id = resolve_run(cfg, pre.run_storage, pre.dataset_version)
     log.info("training %s on %s (MLflow run %s, checkpoints in %s%s)", cfg.run.name,
              pre.dataset_version, run_id, pre.run_storage,
              f", resuming after step {pre.resume_step}" if pre.resume_step else "")
+    bad_rows = cfg.bad_rows_file
+    bad_rows.unlink(missing_ok=True)  # a report of an earlier attempt is not this run's
     result = build_trainer(cfg, pre, run_id).fit()
+    if bad_rows.is_file():
+        raise BadRowsStop(bad_rows)
     summary: dict[str, Any] = {
         "run_name": cfg.run.name, "dataset_version": pre.dataset_version,
         "mlflow_run_id": run_id, "storage": pre.run_storage,
@@ -178,9 +172,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "metrics": dict(result.metrics or {}),
     }
     if cfg.checkpoint.export and result.checkpoint is not None:
-        summary.update(export(cfg, result.checkpoint))
+        summary.update(export_on_worker(cfg, result.checkpoint))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def export_on_worker(cfg: TrainConfig, checkpoint: Any) -> dict[str, Any]:
+    """Run :func:`export` as a Ray task shaped like one training worker, so it lands on the
+    training node group: consolidating ZeRO shards of a 4B model holds ~16 GB of fp32
+    weights, and the driver runs on the head (CPU: 0, a small machine on the shipped
+    clusters). The GPU is not needed: consolidation is CPU work."""
+    import ray
+
+    bundle = worker_bundle(cfg)
+    task = ray.remote(export).options(
+        num_cpus=bundle.pop("CPU"), num_gpus=0,
+        resources={k: v for k, v in bundle.items() if k != "GPU"},
+        runtime_env={"env_vars": worker_env(cfg)}, max_retries=1)
+    return ray.get(task.remote(cfg, checkpoint))
 
 
 def export(cfg: TrainConfig, checkpoint: Any) -> dict[str, Any]:
