@@ -28,9 +28,9 @@ Design choices:
 * Layouts where an object hides behind another for most of the video are redrawn
   (:func:`well_visible`); crossing paths, so brief occlusions, are made on purpose.
 * Same seed, same bytes: the spec comes from ``numpy.random.default_rng([seed, index,
-  attempt])``, the encoder runs single-threaded with bit-exact flags, and nothing
-  time-dependent is written. (Bytes can differ between FFmpeg/x264 builds, i.e. PyAV wheels;
-  pixels and masks do not.)
+  attempt])``, the encoder runs single-threaded on x264's C code (its SIMD reads
+  uninitialised memory) with bit-exact flags, and nothing time-dependent is written. (Bytes
+  can differ between FFmpeg/x264 builds, i.e. PyAV wheels; pixels and masks do not.)
 * Broken inputs (``num_corrupt``) cycle through :data:`CORRUPT_KINDS`: ``truncated`` (a valid
   mp4 cut at 40%, losing its index), ``zero_bytes``, ``text_file`` (text named ``.mp4``),
   ``bad_container`` (an mp4 ``ftyp`` box then garbage) and ``single_frame`` (a valid 1-frame
@@ -244,7 +244,8 @@ def _path(rng: np.random.Generator, h: int, w: int, margin: float, moves: bool,
 
 
 def make_spec(seed: int, index: int, num_frames: int | None = None,
-              video_id: str | None = None) -> VideoSpec:
+              video_id: str | None = None,
+              duration_s: tuple[float, float] = DURATION_RANGE_S) -> VideoSpec:
     """The spec of video ``index`` of the corpus of ``seed`` (a pure function of both).
 
     Random layouts sometimes park one object behind another for most of the video, which
@@ -254,18 +255,20 @@ def make_spec(seed: int, index: int, num_frames: int | None = None,
     spec = None
     for attempt in range(MAX_LAYOUT_ATTEMPTS):
         rng = np.random.default_rng([seed, index, attempt])
-        spec = _sample_spec(rng, num_frames, video_id or f"synth_s{seed}_{index:05d}")
+        spec = _sample_spec(rng, num_frames, video_id or f"synth_s{seed}_{index:05d}",
+                            duration_s)
         if well_visible(spec):
             break
     assert spec is not None
     return spec
 
 
-def _sample_spec(rng: np.random.Generator, num_frames: int | None, video_id: str) -> VideoSpec:
+def _sample_spec(rng: np.random.Generator, num_frames: int | None, video_id: str,
+                 duration_s: tuple[float, float] = DURATION_RANGE_S) -> VideoSpec:
     h, w = FRAME_SIZES[rng.integers(len(FRAME_SIZES))]
     fps = int(rng.choice(FPS_CHOICES))
     if num_frames is None:
-        num_frames = round(rng.uniform(*DURATION_RANGE_S) * fps)
+        num_frames = round(rng.uniform(*duration_s) * fps)
     n_obj = int(rng.integers(1, 5))
     shapes = rng.choice(len(SHAPES), n_obj, replace=False)
     colors = rng.choice(len(OBJECT_COLORS), n_obj, replace=False)
@@ -466,9 +469,12 @@ def well_visible(spec: VideoSpec) -> bool:
 def encode_mp4(frames: np.ndarray, fps: float, path: str | os.PathLike) -> Path:
     """H.264 mp4 of ``[T, H, W, 3]`` uint8 RGB frames, byte-for-byte reproducible.
 
-    Even sizes only (yuv420p). One encoder thread and the bit-exact flags make the output a
-    pure function of the frames (x264 threads would split work nondeterministically; the
-    muxer otherwise writes its version string).
+    Even sizes only (yuv420p). One encoder thread, x264's plain C code (``asm=0``) and the
+    bit-exact flags make the output a pure function of the frames: x264 threads would split
+    work nondeterministically, the muxer otherwise writes its version string, and x264's SIMD
+    macroblock-tree code (lookahead rate control) reads uninitialised stack memory, so with
+    asm on the same frames gave different bytes from call to call (valgrind: "use of
+    uninitialised value" inside x264_encoder_encode, gone with ``asm=0`` or ``mbtree=0``).
     """
     import av
 
@@ -482,7 +488,12 @@ def encode_mp4(frames: np.ndarray, fps: float, path: str | os.PathLike) -> Path:
                  container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(
             "libx264", rate=Fraction(fps).limit_denominator(1001),
-            options={"crf": str(CRF), "preset": "veryfast", "threads": "1"},
+            # asm=0, not mbtree=0: the same rate control and about the same size (mbtree=0
+            # made the files ~35% bigger), bytes that do not depend on the CPU's SIMD (AVX2 /
+            # AVX-512 paths), at ~2x the encode time of these tiny videos (still well under
+            # a second for the quickstart corpus).
+            options={"crf": str(CRF), "preset": "veryfast", "threads": "1",
+                     "x264-params": "asm=0"},
         )
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
@@ -494,7 +505,7 @@ def encode_mp4(frames: np.ndarray, fps: float, path: str | os.PathLike) -> Path:
 
 
 def write_annotation(spec: VideoSpec, id_map: np.ndarray, path: str | os.PathLike,
-                     annotation_stride: int = 1) -> Path:
+                     annotation_stride: int = 1, min_seconds: float | None = None) -> Path:
     """SA-V JSON of the exact visible masks, every ``annotation_stride``-th video frame."""
     k = len(spec.objects)
     sampled = id_map[::annotation_stride]
@@ -555,9 +566,10 @@ def _video_row(spec: VideoSpec, path: str, annotation: str | None, corrupt_kind:
 
 
 def generate_video(out_dir: str | os.PathLike, seed: int, index: int,
-                   annotation_stride: int = 1) -> dict:
+                   annotation_stride: int = 1,
+                   duration_s: tuple[float, float] = DURATION_RANGE_S) -> dict:
     """Render, encode and annotate video ``index``; returns its manifest row."""
-    spec = make_spec(seed, index)
+    spec = make_spec(seed, index, duration_s=duration_s)
     folder = Path(out_dir) / VIDEO_DIR
     folder.mkdir(parents=True, exist_ok=True)
     frames, ids = render_video(spec)
@@ -595,22 +607,29 @@ def write_manifest(rows: list[dict], out_dir: str | os.PathLike) -> Path:
 def generate_corpus(out_dir: str | os.PathLike, num_videos: int, seed: int = 0,
                     num_corrupt: int = 0,
                     progress: Callable[[int, int], None] | None = None,
-                    annotation_stride: int = 1) -> Path:
+                    annotation_stride: int = 1, min_seconds: float | None = None) -> Path:
     """Write the corpus (see the module doc) and return the path of ``manifest.parquet``.
 
     ``manifest.jsonl`` beside it holds the same rows. ``progress(done, total)`` is called
-    after each file. Deterministic: the same arguments give the same bytes.
+    after each file. Deterministic: the same arguments give the same bytes. ``min_seconds``
+    makes every valid video at least that long (default 2.5-4 s; the DiT's 121-frame clips
+    at 8 fps need 15.1 s).
     """
     if num_videos < 0 or num_corrupt < 0:
         raise ValueError(f"counts must be >= 0, got {num_videos=} {num_corrupt=}")
     if annotation_stride < 1:
         raise ValueError(f"annotation_stride must be >= 1, got {annotation_stride}")
+    if min_seconds is not None and min_seconds <= 0:
+        raise ValueError(f"min_seconds must be > 0, got {min_seconds}")
+    durations = DURATION_RANGE_S if min_seconds is None else (
+        max(DURATION_RANGE_S[0], min_seconds),
+        max(DURATION_RANGE_S[1], min_seconds + DURATION_RANGE_S[1] - DURATION_RANGE_S[0]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = num_videos + num_corrupt
     rows = []
     for i in range(num_videos):
-        rows.append(generate_video(out, seed, i, annotation_stride))
+        rows.append(generate_video(out, seed, i, annotation_stride, durations))
         if progress:
             progress(len(rows), total)
     for i in range(num_corrupt):

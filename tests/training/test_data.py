@@ -185,21 +185,26 @@ def test_batch_shapes_and_contents(tiny_dataset: Path, encoders, family: str,
 def test_token_ids_follow_the_rendered_trajectory(tiny_dataset: Path, encoders,
                                                   family: str) -> None:
     """Every token given object k is mostly object k's colour in the trajectory video; a block
-    showing a single object (or only background) gets exactly that id."""
+    showing a single object (or only background) gets exactly that id. Checked on every clip
+    (not one row: row order follows content hashes, and a clip of one small object can
+    rightly claim no token on the tiny grid)."""
     data = open_data(tiny_dataset, family, 2, encoders)
-    clip = data.clips([1])[0]
-    pixel_ids = trajectory_to_object_ids(clip.trajectory)  # [T, H, W] from the colours
-    grid = clip.token_ids.shape
-    ft, fh, fw = (s // g for s, g in zip(pixel_ids.shape, grid, strict=True))
-    assert grid == ((4, 4, 4) if family == "dit" else (4, 8, 8))
-    blocks = pixel_ids.reshape(grid[0], ft, grid[1], fh, grid[2], fw).transpose(0, 2, 4, 1, 3, 5)
-    blocks = blocks.reshape(*grid, -1)
-    for obj in set(np.unique(clip.token_ids).tolist()) - {-1}:
-        share = (blocks[clip.token_ids == obj] == obj).mean(axis=-1)
-        assert (share >= 0.5).all(), (obj, share.min())
-    whole = (blocks == blocks[..., :1]).all(-1)  # blocks showing one object (or background)
-    assert whole.any() and (clip.token_ids[whole] == blocks[whole][:, 0]).all()
-    assert (clip.token_ids >= 0).any()
+    with_tokens = 0
+    for row in range(data.num_rows):
+        clip = data.clips([row])[0]
+        pixel_ids = trajectory_to_object_ids(clip.trajectory)  # [T, H, W] from the colours
+        grid = clip.token_ids.shape
+        ft, fh, fw = (s // g for s, g in zip(pixel_ids.shape, grid, strict=True))
+        assert grid == ((4, 4, 4) if family == "dit" else (4, 8, 8))
+        blocks = pixel_ids.reshape(grid[0], ft, grid[1], fh, grid[2], fw)
+        blocks = blocks.transpose(0, 2, 4, 1, 3, 5).reshape(*grid, -1)
+        for obj in set(np.unique(clip.token_ids).tolist()) - {-1}:
+            share = (blocks[clip.token_ids == obj] == obj).mean(axis=-1)
+            assert (share >= 0.5).all(), (row, obj, share.min())
+        whole = (blocks == blocks[..., :1]).all(-1)  # blocks showing one object or background
+        assert whole.any() and (clip.token_ids[whole] == blocks[whole][:, 0]).all(), row
+        with_tokens += int((clip.token_ids >= 0).any())
+    assert with_tokens > data.num_rows // 2, (with_tokens, data.num_rows)
 
 
 @slow
@@ -288,12 +293,19 @@ def bad_dataset(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     (1, 0, "no object masks"), (2, 0, "no object masks"),
     (2, 1, "empty caption"), (1, 2, "empty c_motion"),
 ])
-def test_bad_rows_fail_naming_the_clip(bad_dataset: Path, encoders, stage: int, row: int,
-                                       reason: str) -> None:
+def test_bad_rows_are_skipped_replaced_and_counted(bad_dataset: Path, encoders, stage: int,
+                                                   row: int, reason: str) -> None:
+    """A bad row never fails the step: it is recorded with its clip id and reason, and the
+    next good row takes its place (deterministically, so a resumed run sees the same batch)."""
     data = open_data(bad_dataset, "dit", stage, encoders)
     clip_id = open_version(bad_dataset).read("data").column("clip_id")[row].as_py()
-    with pytest.raises(BadClipError, match=f"clip '{clip_id}': {reason}"):
-        data.batch([3, row])
+    x, _ = data.batch([3, row])
+    assert x.shape[0] == 2
+    assert f"clip '{clip_id}': {reason}" in data.bad_rows[row]
+    good = min(i for i in range(row + 1, data.num_rows) if i not in data.bad_rows)
+    assert set(range(row, good)) <= set(data.bad_rows)  # every row skipped on the way
+    same, _ = open_data(bad_dataset, "dit", stage, encoders).batch([3, good])
+    torch.testing.assert_close(x, same)
     assert data.batch([3, 4])[0].shape[0] == 2  # the worker is still usable
 
 
