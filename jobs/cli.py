@@ -14,6 +14,8 @@ import sys
 # subcommand -> (module, one-line summary). Later issues add train, generate, evaluate, ...
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("jobs.quickstart", "run the main job end to end on the embedded default"),
+    "rehearse": ("jobs.rehearse", "rehearse production: the shipped configs end to end on a "
+                 "scale-from-zero autoscaling Ray cluster on this machine"),
     "synth": ("jobs.synth", "generate the quickstart corpus (mp4s, SA-V masks, manifest)"),
     "config": ("jobs.config", "show or validate a job config (`config show|validate FILE`)"),
     "prep": ("jobs.build_dataset", "build a dataset with the Ray Data curation pipeline"),

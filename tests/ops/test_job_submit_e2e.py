@@ -1,9 +1,9 @@
-"""End to end through a real Ray cluster's job API, the way a cluster is used in production:
-``ray start --head --block`` with token authentication, then ``ray job submit --working-dir
-<repo> --runtime-env jobs/runtime_env.yaml`` of ``jobs.build_dataset`` (generated corpus) and
-``jobs.train`` (dit_stage1_tiny on the version just published), then the nightly
-``jobs.rebuild_dataset``. Each must end SUCCEEDED with the JSON summary as the last log line;
-the dataset version, the rebuild's status record and the MLflow runs must exist.
+"""A real Ray cluster's job API, the way a checkout submits to it: ``ray start --head --block``
+with token authentication (enforced), then ``ray job submit --working-dir <repo> --runtime-env
+jobs/runtime_env.yaml``: the job ends SUCCEEDED with the JSON summary as the last log line,
+and only the trimmed code is uploaded. The prep -> train -> rebuild path through ``ray job
+submit`` moved to the production rehearsal (tests/ops/test_rehearsal.py), which runs it with
+the shipped configs on a multi-node autoscaling cluster.
 
 Only this cluster is stopped: ``ray stop`` would kill every Ray process on the machine,
 including the test session's own local Ray (``ray_local``), so the ``--block`` process is
@@ -188,65 +188,15 @@ def test_token_auth_is_enforced(cluster: Cluster) -> None:
     assert _get(f"{cluster.address}/api/jobs/", cluster.token) == 200
 
 
-def test_prep_then_train_through_ray_job_submit(cluster: Cluster, tmp_path: Path,
-                                                tiny_clip_dir: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from data_prep.synthetic import generate_corpus
-    from ttm_ray.conditioning.tiny import build_tiny_t5
-    from ttm_ray.dataset.versions import SUCCESS, latest_version, open_version
-
-    manifest = generate_corpus(tmp_path / "corpus", 6, seed=7, num_corrupt=1)
-    t5 = build_tiny_t5(tmp_path / "models" / "tiny-t5")
-    runs = tmp_path / "runs"
-    mlflow_uri = f"sqlite:///{runs / 'mlflow.db'}"
-
-    prep_args = ("--config", "jobs/configs/prep/quickstart.yaml",
-                 "--set", f"source.path={manifest}", "--set", f"run.root={runs}",
-                 "--set", "run.name=prep", "--set", f"score.clip_model_path={tiny_clip_dir}",
-                 "--set", f"run.mlflow_tracking_uri={mlflow_uri}")
-    prep = submit(cluster, "e2e-prep", "python", "-m", "jobs.build_dataset", "--no-progress",
-                  *prep_args)
-    root = runs / "prep" / "dataset"
-    assert prep["job"] == "build_dataset" and prep["rejected"] >= 1 and prep["kept"] >= 6
-    assert latest_version(root) == prep["dataset_version"]
-    version = open_version(root)
-    assert (version.path / SUCCESS).is_file() and version.read("data").num_rows == prep["kept"]
-
-    train = submit(cluster, "e2e-train",
-                   "python", "-m", "jobs.train",
-                   "--config", "jobs/configs/train/dit_stage1_tiny.yaml",
-                   "--set", f"data.dataset_root={root}",
-                   "--set", f"encoders.text_encoder.path={t5}",
-                   "--set", f"run.root={runs / 'train'}",
-                   "--set", f"run.mlflow_tracking_uri={mlflow_uri}",
-                   # the 2-CPU cluster also runs the job driver and Ray Train's controller
-                   "--set", "scaling.cpus_per_worker=0.5",
-                   # the path, not the learning, is under test here (tests/training has that)
-                   "--set", "optim.max_steps=4", "--set", "checkpoint.every_steps=2",
-                   "--set", "logging.sample_every=4")
-    assert train["job"] == "train" and train["dataset_version"] == prep["dataset_version"]
-    assert (Path(train["export"]) / "model.safetensors").is_file()
-
-    # The nightly rebuild's command (cluster/kuberay/cronjob-rebuild.yaml) on the same
-    # config: nothing new, so `latest` stays; the lock is released and the run recorded.
-    rebuild = submit(cluster, "e2e-rebuild", "python", "-m", "jobs.rebuild_dataset",
-                     "--no-progress", *prep_args)
-    assert rebuild["job"] == "rebuild_dataset" and rebuild["published"] is False
-    assert rebuild["dataset_version"] == prep["dataset_version"] == latest_version(root)
-    last = json.loads((root / "rebuilds" / "last.json").read_text())
-    assert last["run_id"] == rebuild["run_id"] and last["status"] == "succeeded"
-    assert not (root / "rebuild.lock").exists()
-
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    prep_run = client.get_run(prep["mlflow_run_id"])
-    assert prep_run.data.tags["dataset_version"] == prep["dataset_version"]
-    assert client.get_run(rebuild["mlflow_run_id"]).data.tags["ttm.kind"] == "rebuild"
-    train_run = client.get_run(train["mlflow_run_id"])
-    assert train_run.info.status == "FINISHED"
-    assert train_run.data.metrics.get("loss") is not None
-
-    # What the job API unpacked is the trimmed checkout (jobs/runtime_env.yaml's excludes).
+def test_submit_from_a_checkout_uploads_only_the_trimmed_code(cluster: Cluster) -> None:
+    """`ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml`, as
+    cluster/README.md documents it, runs a job from the uploaded checkout, and the upload is
+    the trimmed code only (the runtime env's excludes). The production configs themselves run
+    end to end through `ray job submit` in tests/ops/test_rehearsal.py (on a multi-node
+    cluster whose nodes share this disk, so it runs the installed checkout instead)."""
+    summary = submit(cluster, "e2e-plan", "python", "-m", "jobs.plan", "model", "--config",
+                     "jobs/configs/train/dit_stage2.yaml")
+    assert summary["job"] == "plan-model" and summary["parameters"] == 4_574_062_144
     unpacked = [p for p in (cluster.temp_dir / "session_latest" / "runtime_resources"
                             / "working_dir_files").iterdir() if p.is_dir()]
     assert unpacked

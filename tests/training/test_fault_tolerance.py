@@ -7,11 +7,12 @@ rank's RNG come back exactly."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
-from train_runs import metric_history, train_interrupted, train_tiny
+from train_runs import metric_history, tiny_config, train_interrupted, train_tiny
 
 from ttm_ray.training.checkpoint import Probe
 
@@ -49,3 +50,37 @@ def test_restart_and_resubmission_resume_exactly(
     a = Probe.load(Path(ref["checkpoint"]) / "probe.safetensors").out
     b = Probe.load(Path(run["checkpoint"]) / "probe.safetensors").out
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_too_many_bad_rows_stop_the_run_with_the_list_not_a_crash_loop(
+        ray_local, tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path,
+        tiny_encoders: dict[str, Path]) -> None:
+    """Rows that cannot be trained on (no masks, empty c_motion) are skipped and counted by
+    every worker; past ``data.max_bad_fraction`` all ranks stop at the same step (no worker
+    raises, so Ray Train does not restart the group over the same rows) and the job fails
+    with the list."""
+    import pyarrow as pa
+
+    from ttm_ray.dataset.versions import VersionWriter, open_version
+    from ttm_ray.training.trainer import BadRowsStop, train
+
+    table = open_version(tiny_dataset).read("data")
+    rows = table.to_pylist()
+    rows[0]["masks"] = []
+    rows[2]["c_motion"] = ""
+    root = tmp_path_factory.mktemp("bad_rows_run")
+    writer = VersionWriter(root / "dataset")
+    writer.write_table("data", pa.Table.from_pylist(rows, schema=table.schema))
+    writer.publish({"note": "test: broken rows"})
+    cfg = tiny_config("dit_stage1_tiny", root, root / "dataset", tiny_encoders,
+                      "data.max_bad_fraction=0.0", "failure.max_failures=3")
+    with pytest.raises(BadRowsStop) as err:
+        train(cfg)
+    text = str(err.value)
+    assert f"clip '{rows[0]['clip_id']}': no object masks" in text \
+        or f"clip '{rows[2]['clip_id']}': empty c_motion" in text, text
+    assert "data.max_bad_fraction" in text and str(cfg.bad_rows_file) in text
+    report = json.loads(cfg.bad_rows_file.read_text())
+    assert report["bad_rows"] and report["step"] < cfg.optim.max_steps
+    assert not (Path(cfg.checkpoint.resolved_storage(cfg.run)) / cfg.run.name
+                / f"step_{cfg.optim.max_steps:08d}").exists()  # stopped, never finished

@@ -291,15 +291,26 @@ class FakeCluster:
         ``ray.io/node-group`` label: the fake nodes get it from the autoscaler process's
         environment, not their own.
         """
-        named = {n["raylet"]["nodeId"]: n["raylet"].get("nodeTypeName") or ""
-                 for n in self.api("/nodes?view=summary")["data"]["summary"]}
         counts: Counter[str] = Counter()
-        for node in self.nodes():
+        for node, name in self._typed_nodes():
             if node.get("is_head_node") or (alive_only and node.get("state") != "ALIVE"):
                 continue
-            name = named.get(node["node_id"]) or self._type_of(node.get("resources_total") or {})
             counts[name] += 1
         return dict(counts)
+
+    def node_type(self, node_id: str) -> str:
+        """The node type of a node id (``head`` for the head), e.g. where a job's driver
+        ran (``driver_node_id`` of the job API)."""
+        for node, name in self._typed_nodes():
+            if node["node_id"] == node_id:
+                return "head" if node.get("is_head_node") else name
+        return "?"
+
+    def _typed_nodes(self) -> list[tuple[dict[str, Any], str]]:
+        named = {n["raylet"]["nodeId"]: n["raylet"].get("nodeTypeName") or ""
+                 for n in self.api("/nodes?view=summary")["data"]["summary"]}
+        return [(node, named.get(node["node_id"])
+                 or self._type_of(node.get("resources_total") or {})) for node in self.nodes()]
 
     def _type_of(self, resources: Mapping[str, float]) -> str:
         types = yaml.safe_load(self.config_path.read_text())["available_node_types"]

@@ -1,0 +1,133 @@
+"""The production rehearsal: the shipped production configs, changed only by the declared
+overlays under jobs/configs/rehearsal/, end to end through `ray job submit` on a fake
+multi-node autoscaling cluster that starts with no worker nodes (`ttm-ray rehearse`).
+
+The allow-list tests are fast; ``test_rehearse_end_to_end`` is the slow one (about 15 minutes
+on 2 cores) and also carries the checks the single-node job-submit test used to make (the
+dataset version, the rebuild's record, the MLflow runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ttm_ray.ops.overlay import changed_keys, overlay_problems, shipped_base
+
+REPO = Path(__file__).resolve().parents[2]
+REHEARSAL = REPO / "jobs" / "configs" / "rehearsal"
+OVERLAYS = sorted(p for p in REHEARSAL.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_every_job_has_an_overlay_and_every_overlay_a_job() -> None:
+    from jobs.rehearse import JOBS
+
+    assert {j.overlay for j in JOBS} == {p.name for p in OVERLAYS}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlay_changes_only_what_the_allow_list_allows(overlay: Path) -> None:
+    base = shipped_base(overlay)
+    assert base.parent.parent == REPO / "jobs" / "configs" and base.parent.name != "rehearsal"
+    assert overlay_problems(overlay) == []
+    changed = changed_keys(overlay)
+    # What a rehearsal must never change, whatever the allow-list says.
+    for key in changed:
+        assert not key.startswith(("filter.", "clip.num_frames", "clip.resolutions",
+                                   "clip.fps", "model.num_frames", "model.height",
+                                   "model.width", "diffusion.", "deepspeed.zero_stage",
+                                   "model.activation_checkpointing")), key
+        assert "custom_resources" not in key and "accelerator_type" not in key, key
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlay_loads_as_its_job_config(overlay: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_prep.config import PrepConfig
+    from jobs.inference_config import EvaluateConfig, GenerateConfig
+    from ttm_ray.config import load_config
+    from ttm_ray.config.loader import load_merged
+    from ttm_ray.training.config import TrainConfig
+
+    monkeypatch.setenv("TTM_REHEARSAL_ROOT", str(tmp_path))
+    kind = load_merged(overlay)["kind"]
+    cls = {"prep": PrepConfig, "train": TrainConfig, "generate": GenerateConfig,
+           "evaluate": EvaluateConfig}[kind]
+    cfg = load_config(cls, overlay)
+    assert cfg.run.root == f"{tmp_path}/runs"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("clip.num_frames", "8"), ("filter.omega", "0.5"),
+    ("resources.caption.custom_resources", "{}"),
+    ("data.dataset_root", "${TTM_REHEARSAL_ROOT}/runs/sav-prep/dataset"),
+    ("scaling.accelerator_type", "null"), ("model.num_frames", "4"),
+    ("run.root", "/elsewhere"),
+])
+def test_the_check_refuses_changes_outside_the_allow_list(key: str, value: str,
+                                                          tmp_path: Path) -> None:
+    """A copy of a shipped overlay plus one forbidden change is refused, naming the key."""
+    target = REHEARSAL / ("prep_dit.yaml" if key.startswith(("clip", "filter", "resources"))
+                          else "dit_stage1.yaml")
+    nested = "\n".join(f"{'  ' * i}{part}:" for i, part in enumerate(key.split(".")))
+    overlay = tmp_path / target.name
+    overlay.write_text(f"base: [{shipped_base(target)}, {target}]\n{nested} {value}\n")
+    problems = "\n".join(overlay_problems(overlay))
+    assert f": {key}:" in problems, problems
+
+
+@pytest.mark.slow
+def test_rehearse_end_to_end(tmp_path: Path) -> None:
+    """`ttm-ray rehearse` exits 0; its last line is the JSON summary with every job
+    SUCCEEDED and worker nodes of at least two types launched from zero."""
+    from mlflow.tracking import MlflowClient
+
+    from ttm_ray.dataset.versions import latest_version, open_version
+
+    root = tmp_path / "rehearsal"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    run = subprocess.run([sys.executable, "-m", "jobs.rehearse", "--root", str(root)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+    tail = f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    assert run.returncode == 0, tail
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded", tail
+    from jobs.rehearse import JOBS
+
+    assert list(summary["jobs"]) == [j.name for j in JOBS]
+    assert all(j["status"] == "SUCCEEDED" for j in summary["jobs"].values()), summary
+    launched = summary["nodes_launched"]
+    assert len([t for t, n in launched.items() if n > 0]) >= 2, launched
+    assert {"gpu_infer", "train_a100", "cpu_workers"} <= set(launched), launched
+    # Drivers that hold data ran on a CPU worker node, the training drivers on the head.
+    drivers = summary["drivers"]
+    assert drivers["prep-unet"] == drivers["evaluate"] == "cpu_workers", drivers
+    assert drivers["train-dit-stage1"] == "head", drivers
+
+    runs = root / "runs"
+    unet_data, dit_data = runs / "sav-prep" / "dataset", runs / "sav-prep-dit" / "dataset"
+    clip = open_version(dit_data).manifest["lineage"]["clip"]
+    assert clip["num_frames"] == 121 and clip["resolutions"][0]["height"] == 256
+    assert open_version(unet_data).manifest["lineage"]["clip"]["num_frames"] == 16
+    # The rebuild found nothing new: same version, its record written, the lock released.
+    last = json.loads((unet_data / "rebuilds" / "last.json").read_text())
+    assert last["status"] == "succeeded" and not (unet_data / "rebuild.lock").exists()
+    assert last["dataset_version"] == latest_version(unet_data)
+    for name in ("dit-stage1", "dit-stage2", "unet-stage1", "unet-stage2"):
+        assert (runs / name / "export" / "model.safetensors").is_file(), name
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ttm-ray")
+    found = client.search_runs([experiment.experiment_id])
+    kinds = [r.data.tags.get("ttm.kind") for r in found]
+    assert "rebuild" in kinds, kinds
+    trained = [r for r in found if r.data.metrics.get("loss") is not None]
+    assert len(trained) >= 4 and all(r.info.status == "FINISHED" for r in trained)
+    assert any(r.data.tags.get("dataset_version") == latest_version(dit_data) for r in found)
+    generated = list((runs / "generate").rglob("video.mp4"))
+    assert generated, "batch generation wrote no video"
+    assert list((runs / "eval-sav128").rglob("*.md")), "evaluation wrote no report"
