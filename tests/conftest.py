@@ -46,12 +46,14 @@ def _cuda_available() -> bool:
 #: "solo" holds the single-process overfit tests, the ``ray job submit`` end-to-end test (its
 #: own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find it)
 #: and the data-prep pipeline tests (on that worker's own local Ray), and the fake autoscaling
-#: cluster's tests (their own head and fake nodes, also in their own temp dir). Measured with
+#: cluster's tests and the production rehearsal (their own head and fake nodes, also in their
+#: own temp dir). Measured with
 #: ``--durations`` on a fresh clone: 26 minutes of tests in all; the floor is the dozen tiny
 #: Ray Train runs (about a minute of start-up each) and the e2e test, which slows down while
 #: it runs beside them.
 _SOLO = ("tests/models/test_it_learns.py", "tests/ops/test_job_submit_e2e.py",
-         "tests/ops/test_fake_cluster.py", "tests/data_prep/test_pipeline.py")
+         "tests/ops/test_fake_cluster.py", "tests/ops/test_rehearsal.py",
+         "tests/data_prep/test_pipeline.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
