@@ -37,15 +37,6 @@ TEXT_DIM = 32  # dit-tiny and unet-tiny
 GRIDS = {"dit": (3, 4, 6), "unet": (4, 8, 8)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads on a busy 2-core box; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg(family: str, stage: int, **kw) -> ModelConfig:
     t, h, w = GRIDS[family]
     return ModelConfig(family=family, size=f"{family}-tiny", stage=stage, latent_channels=LATENT,
