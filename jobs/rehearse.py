@@ -18,14 +18,17 @@ every changed key before anything starts). In order:
 
 Inputs (tiny models built with the libraries' own save format, a generated corpus of videos
 long enough for 121-frame clips, an items manifest and a benchmark) are made under --root
-first. Every job is submitted with the shipped jobs/runtime_env.yaml and the entrypoint
-resource flags cluster/README.md documents (ENTRYPOINTS below), so drivers that do heavy work
-run on worker nodes, not on the CPU: 0 head. The table and the last line (JSON) give each
-job's status and seconds and the nodes launched per node type. Only the processes this
+first (kept for a rerun). Every job is submitted with the shipped jobs/runtime_env.yaml and
+the entrypoint resource flags cluster/README.md documents (JOBS below, CPU counts scaled), so
+drivers that hold data run on a cpu_workers node, not on the CPU: 0 head; the code is the
+checkout installed in this venv (no --working-dir: the fake nodes share one disk, see
+submit()). The table and the last line (JSON) give each job's status, seconds and driver
+node, and the nodes launched per node type. Exit 0 only when every job SUCCEEDED; a failed
+job's log is under --root/logs and the jobs after it are SKIPPED. Only the processes this
 command started are stopped.
 
-    ttm-ray rehearse                       # everything, ~15 minutes on 2 cores
-    ttm-ray rehearse --only prep-unet prep-dit --keep
+    ttm-ray rehearse                       # everything, ~20 minutes on 2 cores
+    ttm-ray rehearse --only prep-unet prep-dit --root /tmp/r
 """
 
 from __future__ import annotations
