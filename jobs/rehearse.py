@@ -102,7 +102,7 @@ def build_inputs(root: Path, videos: int, seed: int) -> None:
     build_tiny_t2v_dit(models / "dit-tiny-t2v", "dit-tiny", latent_channels=16)
     build_tiny_xclip(models / "tiny-xclip")
     build_tiny_fvd_weights(models / "tiny-fvd")
-    build_tiny_raft_weights(models / "tiny-raft", arch="raft_large")
+    build_tiny_raft_weights(models / "tiny-raft", arch="raft_small")
     corpus = root / "corpus" / "manifest.parquet"
     if not corpus.is_file():
         # 121 sampled frames at 8 fps (the DiT clips) need videos of at least 15.1 s.

@@ -49,6 +49,8 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("evaluation.*.path", "model folders", "tiny metric backbones built locally"),
     Allowed("evaluation.*.weights", "model folders", "tiny metric backbones built locally"),
     Allowed("evaluation.fvd.backbone", "model folders", "the tiny FVD backbone's format"),
+    Allowed("evaluation.flow.backend", "model sizes", "RAFT small: RAFT large on CPU is minutes"),
+    Allowed("evaluation.flow.size", "model sizes", "the flow network's input size on CPU"),
     Allowed("model.init_from", "model folders", "a tiny text-to-video DiT built locally"),
     Allowed("model.overrides", "model folders", "the tiny size has no SD1.5 / adapter folders"),
     Allowed("model.overrides.*", "model folders", "tiny size fields"),
