@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/rehearsal",
-                        help="inputs, outputs, logs and the cluster's temp dir")
+                        help="inputs, outputs and job logs (the cluster's own temp dir is a "
+                             "short /tmp/ttm-fc-* folder, removed at the end)")
     parser.add_argument("--cluster", default="cluster/aws.yaml",
                         help="launcher YAML whose node types the fake cluster copies")
     parser.add_argument("--videos", type=int, default=3, help="generated corpus videos")
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # extension cache the tests and CI reuse (the image ships the ops prebuilt instead).
     node_env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(repo_path(".cache", "torch_extensions")))}
-    cluster = FakeCluster(repo_path(args.cluster), root=root, node_env=node_env)
+    # The cluster's --temp-dir stays short (under /tmp): Ray's Unix socket paths live there
+    # and may not exceed 107 bytes.
+    cluster = FakeCluster(repo_path(args.cluster), node_env=node_env)
     with cluster:
         print(f"[rehearse] fake autoscaling cluster up in {cluster.started_s:.0f}s "
               f"(dashboard {cluster.dashboard_url}, config {cluster.config_path}); "
