@@ -204,8 +204,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     # What every fake node's processes inherit: DeepSpeed's CPU accelerator and the JIT
     # extension cache the tests and CI reuse (the image ships the ops prebuilt instead).
+    # The rehearsal's own MLflow store (what run.mlflow_tracking_uri: null means under
+    # run.root), whatever MLFLOW_TRACKING_URI this shell has.
+    mlflow_uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
     node_env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(repo_path(".cache", "torch_extensions")))}
+        "TORCH_EXTENSIONS_DIR", str(repo_path(".cache", "torch_extensions"))),
+        "MLFLOW_TRACKING_URI": mlflow_uri}
     # The cluster's --temp-dir stays short (under /tmp): Ray's Unix socket paths live there
     # and may not exceed 107 bytes.
     cluster = FakeCluster(repo_path(args.cluster), node_env=node_env)
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                for k, v in results.items()},
                       "nodes_launched": nodes,
                       "drivers": {k: v.get("driver") for k, v in results.items()},
-                      "root": str(root)}))
+                      "root": str(root), "mlflow": mlflow_uri}))
     return 0 if ok else 1
 
 
