@@ -50,13 +50,4 @@ def weights_problem(key: str, path: str | None, what: str,
     return None
 
 
-def file_problem(key: str, path: str | None, what: str) -> str | None:
-    """Why ``path`` is not an existing weights file, or None (URIs are left to the loader)."""
-    if not path or "://" in path:
-        return None if path else f"{key} is not set: give the path of {what}"
-    if not Path(path).expanduser().is_file():
-        return f"{key}: {path} does not exist: put {what} there or change {key}"
-    return None
-
-
-__all__ = ["WEIGHT_SUFFIXES", "file_problem", "has_weights", "model_folder", "weights_problem"]
+__all__ = ["WEIGHT_SUFFIXES", "has_weights", "model_folder", "weights_problem"]
