@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The S3 test server (tests/s3.py), for every test folder.
+from s3 import s3_bucket, s3_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

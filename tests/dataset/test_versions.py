@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
+from version_cases import crash_before_commit, publish_each_way, reuse_and_prune, table
 
 from ttm_ray.dataset.versions import (
     DatasetVersionError,
@@ -15,11 +15,6 @@ from ttm_ray.dataset.versions import (
     open_version,
     prune_versions,
 )
-
-
-def table(n: int, start: int = 0) -> pa.Table:
-    return pa.table({"clip_id": [f"c{i}" for i in range(start, start + n)],
-                     "x": list(range(start, start + n))})
 
 
 def test_publish_then_read_with_checksums(tmp_path: Path) -> None:
@@ -41,25 +36,10 @@ def test_publish_then_read_with_checksums(tmp_path: Path) -> None:
 
 
 def test_crash_before_publish_leaves_latest_on_previous(tmp_path: Path) -> None:
-    w1 = VersionWriter(tmp_path)
-    w1.write_table("data", table(2))
-    v1 = w1.publish({})
-
-    def crash(_staging: Path) -> None:
-        raise RuntimeError("node died")
-
-    w2 = VersionWriter(tmp_path)
-    w2.write_table("data", table(5))
-    with pytest.raises(RuntimeError, match="node died"):
-        w2.publish({}, before_commit=crash)
-    assert latest_version(tmp_path) == v1.name
-    assert list_versions(tmp_path) == [v1.name]
-    assert open_version(tmp_path).read().num_rows == 2
-    with pytest.raises(DatasetVersionError, match="not a published version"):
-        open_version(tmp_path, w2.name)
+    _, crashed = crash_before_commit(tmp_path)
     # The next publish gets a fresh number and sweeps the crashed staging folder.
     w3 = VersionWriter(tmp_path)
-    assert w3.name != w2.name
+    assert w3.name != crashed
     w3.write_table("data", table(1))
     w3.publish({})
     assert not any((tmp_path / "staging").iterdir())
@@ -80,3 +60,19 @@ def test_retention_keeps_latest(tmp_path: Path) -> None:
     assert prune_versions(tmp_path, keep_last=2) == names[:2]
     assert list_versions(tmp_path) == names[2:]
     assert latest_version(tmp_path) == names[-1]
+
+
+def test_publish_each_way(tmp_path: Path) -> None:
+    publish_each_way(tmp_path)
+
+
+def test_reuse_by_reference_and_prune_keeps_shared_files(tmp_path: Path) -> None:
+    reuse_and_prune(tmp_path)
+
+
+def test_file_uri_root_is_local(tmp_path: Path) -> None:
+    w = VersionWriter(tmp_path.as_uri())
+    w.write_table("data", table(3))
+    v = w.publish({})
+    assert isinstance(v.path, Path) and v.path == tmp_path / "versions" / v.name
+    assert open_version(tmp_path).read().num_rows == 3

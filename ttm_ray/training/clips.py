@@ -61,7 +61,8 @@ class RowReader:
         files = version.files("data")
         if not files:
             raise ValueError(f"{version.path}: dataset version has no data files")
-        self._files = [pq.ParquetFile(f) for f in files]
+        # Through the version: its files may be on an object store (s3://...).
+        self._files = [pq.ParquetFile(version.open_input_file(f)) for f in files]
         missing = sorted(set(self.columns) - set(self._files[0].schema_arrow.names))
         if missing:
             raise ValueError(f"{version.path}: data table lacks columns {missing}")
