@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "jobs" / "configs" / "train"
 
 
-def publish_dataset(root: Path, frames: int, height: int, width: int) -> Path:
+def publish_dataset(root: Path | str, frames: int, height: int, width: int) -> Path | str:
     """An (empty) published version whose clips are ``frames`` x ``height`` x ``width``."""
     writer = VersionWriter(root)
     writer.write_table("data", SHARD_SCHEMA.empty_table())
@@ -39,16 +39,20 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ttm_ray.runtime, "init_ray", refuse)
 
 
+@pytest.mark.parametrize("store", ["local", "s3"])
 def test_dit_preflight_names_frames_resolution_and_weights(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest,
+        store: str) -> None:
     """The issue's check: the shipped DiT stage-1 config on a dataset of 8-frame 64x64 clips
     exits non-zero before any worker, naming the frame and resolution mismatch (through the
-    Cosmos CV8x8x8 tokenizer: 121 frames at 256x256) together with the missing weights."""
+    Cosmos CV8x8x8 tokenizer: 121 frames at 256x256) together with the missing weights.
+    The same with ``data.dataset_root: s3://...`` (the S3 test server)."""
     from jobs.train import main
 
     no_ray(monkeypatch)
-    dataset = publish_dataset(tmp_path / "small", 8, 64, 64)
+    base = tmp_path if store == "local" else request.getfixturevalue("s3_bucket")
+    dataset = publish_dataset(f"{base}/small", 8, 64, 64)
     code = main(["--config", str(TRAIN / "dit_stage1.yaml"), "--preflight",
                  "--set", f"data.dataset_root={dataset}",
                  "--set", f"run.root={tmp_path / 'runs'}"])

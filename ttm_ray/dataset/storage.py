@@ -10,6 +10,10 @@ folders, so these helpers only promise what both sides can do:
   PUT (an object is visible whole or not at all) on an object store;
 * folders are implied by the files in them: listing or deleting a missing folder is not an
   error, and :func:`remove_empty_dirs` cleans up what is left once files are deleted.
+
+S3-compatible stores other than AWS (MinIO, the tests' moto server) are reached with plain
+``s3://bucket/...`` URIs: ``pyarrow.fs.FileSystem.from_uri`` (pyarrow >= 15) takes the endpoint
+from ``AWS_ENDPOINT_URL``, credentials and region from the usual AWS variables and files.
 """
 
 from __future__ import annotations

@@ -425,6 +425,8 @@ def clean_staging(root: Location, keep: Iterable[Location] = ()) -> list[Path | 
     kept_uris = {str(k).rstrip("/") for k in keep}
     candidates = [n for n in _unpublished_below(root, _number(published[-1]) or 0, published)
                   if _version_uri(root, n) not in kept_uris]
+    if not candidates:  # the usual case: no manifest to read
+        return []
     return list(remove_unreferenced(root, candidates, _references(root, published)))
 
 

@@ -53,7 +53,8 @@ class TrainDataConfig:
 
     dataset_root: str = constrained(
         "runs/quickstart/prep/dataset", nonempty=True,
-        help="dataset root (holds versions/ and latest) written by `ttm-ray prep`")
+        help="dataset root (holds versions/ and latest) written by `ttm-ray prep`: a path "
+             "or a URI (s3://bucket/prefix)")
     version: str = constrained(
         "latest", nonempty=True,
         help="published version name, or latest (resolved once per run on the driver)")

@@ -146,6 +146,8 @@ def preflight(cfg: TrainConfig, errors: list[str] | None = None) -> Preflight:
         version = open_version(cfg.data.dataset_root, cfg.data.version)
     except DatasetVersionError as exc:
         errors.append(f"data.version: {exc}")
+    except OSError as exc:  # an object store that cannot be reached or read
+        errors.append(f"data.dataset_root: cannot read {cfg.data.dataset_root}: {exc}")
     if version is not None and geo is not None:
         errors += dataset_problems(cfg, version, geo)
     errors += init_from_problems(cfg)
