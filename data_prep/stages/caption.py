@@ -5,14 +5,14 @@ the frames go side by side in one image (``frames: grid``), because Llama-3.2-Vi
 trained on one image per prompt; ``separate`` sends three images (for VLMs that take several).
 
 Manifest mode (``engine.kind: manifest``) copies ``given_caption`` instead. Rejects:
-``caption_failed`` (engine error or empty answer on every attempt, or no given caption),
-``unreadable_input`` / ``unreadable_video`` (the frames could not be read).
+``caption_failed`` (the model answered but never usably, or no given caption: permanent),
+``engine_error`` (the engine failed on every attempt: transient), and the shared reasons of
+:func:`~data_prep.rows.reason_for` when the frames cannot be read.
 """
 
 from __future__ import annotations
 
 import json
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,9 +23,9 @@ from data_prep.engines.base import ChatRequest, EngineError, TextEngine, generat
 from data_prep.engines.manifest_engine import MANIFEST, ManifestMissing, given_caption
 from data_prep.parsing import LlmParseError, parse_caption
 from data_prep.prompts import Template, load_template
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import is_rejected, reject, reject_error
 from ttm_ray.config import constrained
-from ttm_ray.dataset.video import InputNotReadable, VideoReadError, read_frames
+from ttm_ray.dataset.video import read_frames
 
 STAGE = "caption"
 FrameLayout = Literal["grid", "separate"]
@@ -144,12 +144,8 @@ class CaptionStage:
                 continue
             try:
                 images[i] = self._images(row)
-            except InputNotReadable as exc:
-                out[i] = reject(row, STAGE, "unreadable_input", str(exc))
-            except VideoReadError as exc:
-                out[i] = reject(row, STAGE, "unreadable_video", str(exc))
-            except Exception:  # one odd row must not take the batch down with it
-                out[i] = reject(row, STAGE, "stage_error", traceback.format_exc(limit=6))
+            except Exception as exc:  # one odd row must not take the batch down with it
+                out[i] = reject_error(row, STAGE, exc, limit=6)
 
         history: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         pending = list(images)
@@ -176,7 +172,11 @@ class CaptionStage:
             pending = still
         for i in pending:
             detail = json.dumps({"attempts": history[i]}, ensure_ascii=False)
-            out[i] = reject(self._done(out[i], None), STAGE, "caption_failed", detail)
+            # The model never answered: a fault of the run (transient). It answered, but
+            # nothing usable: a rerun samples the same seeds again (permanent).
+            never = all(h["error"] == "engine_error" for h in history[i])
+            reason = "engine_error" if never else "caption_failed"
+            out[i] = reject(self._done(out[i], None), STAGE, reason, detail)
 
     def _done(self, row: dict, caption: str | None) -> dict:
         assert self.engine is not None

@@ -17,7 +17,9 @@ names ("red circle", "blue circle") never share a box; a box that overlaps an al
 one (``dedup_iou``) counts as a duplicate detection of that object, not as another name's box.
 
 Names without a box land in ``dropped_objects`` with a reason; a clip with no box left is
-rejected ``no_object_grounded``. Boxes are in source pixels (x0, y0, x1, y1) of the first
+rejected ``no_object_grounded``. Exceptions (frames that do not read, a failed forward pass,
+CUDA out of memory) reject only their row, with the shared reasons of
+:func:`~data_prep.rows.reason_for`. Boxes are in source pixels (x0, y0, x1, y1) of the first
 sampled frame. The model loads from a local folder only (``ground.model_path``: a
 ``save_pretrained`` copy of e.g. ``IDEA-Research/grounding-dino-tiny``).
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import re
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,9 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import free_cuda_memory, is_rejected, reject, reject_error
 from ttm_ray.config import constrained
-from ttm_ray.dataset.video import InputNotReadable, VideoReadError, read_frames
+from ttm_ray.dataset.video import read_frames
 
 if TYPE_CHECKING:
     import torch
@@ -241,14 +242,8 @@ class GroundingStage:
                 continue
             try:
                 job = self._prepare(i, row)
-            except InputNotReadable as exc:
-                out[i] = reject(row, STAGE, "unreadable_input", str(exc))
-                continue
-            except VideoReadError as exc:
-                out[i] = reject(row, STAGE, "unreadable_video", str(exc))
-                continue
-            except Exception:  # one odd row must not take the batch down with it
-                out[i] = reject(row, STAGE, "stage_error", traceback.format_exc(limit=6))
+            except Exception as exc:  # one odd row must not take the batch down with it
+                out[i] = reject_error(row, STAGE, exc, limit=6)
                 continue
             if isinstance(job, dict):  # rejected while preparing
                 out[i] = job
@@ -257,8 +252,8 @@ class GroundingStage:
         for k in range(0, len(jobs), self.cfg.batch_size):
             chunk = jobs[k:k + self.cfg.batch_size]
             for j, res in zip(chunk, self._detect_safely(chunk), strict=True):
-                if isinstance(res, str):  # the traceback of a failed forward pass
-                    out[j.index] = reject(out[j.index], STAGE, "stage_error", res)
+                if isinstance(res, Exception):  # its forward pass failed (alone)
+                    out[j.index] = reject_error(out[j.index], STAGE, res, limit=6)
                 else:
                     out[j.index] = self._finish(out[j.index], j, res)
         return out
@@ -305,14 +300,15 @@ class GroundingStage:
         return row
 
     # ------------------------------------------------------------------ model
-    def _detect_safely(self, jobs: list[_Job]) -> list[_Found | str]:
+    def _detect_safely(self, jobs: list[_Job]) -> list[_Found | Exception]:
         """:meth:`_detect`, retried row by row when the batch fails (e.g. CUDA out of memory
-        on one huge frame), so one row's failure (its traceback) does not reject the others."""
+        on one huge frame), so one row's failure (its exception) does not reject the others."""
         try:
             return list(self._detect(jobs))
-        except Exception:
+        except Exception as exc:
+            free_cuda_memory(exc)
             if len(jobs) == 1:
-                return [traceback.format_exc(limit=6)]
+                return [exc]
         return [r for j in jobs for r in self._detect_safely([j])]
 
     def _detect(self, jobs: list[_Job]) -> list[_Found]:

@@ -26,8 +26,9 @@ x1, y1, exclusive ends, score 1.0), so later stages see the same columns as afte
 object not visible on the first sampled frame is dropped (``not_in_first_frame``) by default,
 as SAM2 could not have tracked it either; ``require_first_frame: false`` keeps it, with its
 box from the first frame where it is visible. Objects that are empty in every sampled frame
-are dropped (``empty_mask``). Rejects: ``no_gt_masks`` (no annotation, it does not read or
-does not fit the video, no object left).
+are dropped (``empty_mask``). Rejects: ``no_gt_masks`` (no annotation, it is missing or does
+not parse or does not fit the video, no object left: permanent); ``remote_read_error`` when
+reading it fails otherwise (transient: a later run retries it).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 
-from data_prep.rows import map_rows, reject
+from data_prep.rows import TRANSIENT, map_rows, reason_for, reject, reject_class
 from data_prep.stages.ground import phrase
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import decode_mask, mask_areas
@@ -106,6 +107,8 @@ class GtMasksStage:
         try:
             ann = load_annotation(uri)
         except (OSError, ValueError) as exc:  # missing file, bad JSON, malformed annotation
+            if isinstance(exc, OSError) and reject_class(reason_for(exc)) == TRANSIENT:
+                raise  # a read hiccup is not a missing annotation: a later run retries it
             raise _NoMasks(f"annotation {uri} does not read: {type(exc).__name__}: {exc}") from exc
         self._cache[uri] = ann
         if len(self._cache) > _CACHE_SIZE:

@@ -4,7 +4,9 @@
 names, or re-uploaded elsewhere, gets one id, so reruns and incremental runs skip it.
 ``stat`` ids hash uri + size + mtime: no full read (cheap for huge remote corpora), but a
 moved or touched file counts as new. An input that cannot be read gets an id from its URI,
-so even its reject row has one.
+so even its reject row has one: ``unreadable_input`` when it is missing, not ours to read or a
+URI nothing parses (permanent), ``remote_read_error`` for any other I/O error (transient: a
+network hiccup is retried by the next run).
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from data_prep.rows import map_rows, reject
+from data_prep.rows import map_rows
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import open_input, stat
 
 STAGE = "ingest"
 ID_HEX = 16
+#: Here a ValueError is a URI no filesystem parses, an ImportError a missing fsspec driver.
+_UNREADABLE = {ValueError: "unreadable_input", ImportError: "unreadable_input"}
 
 
 @dataclass
@@ -34,8 +38,9 @@ def _short(digest: str) -> str:
 
 def uri_video_id(uri: str) -> str:
     """The id of an input known only by its URI (unreadable inputs, bad manifest entries)."""
-    # A distinct prefix keeps these from ever equalling a content or stat id.
-    return _short(hashlib.sha256(f"uri\0{uri}".encode()).hexdigest())
+    # A distinct prefix keeps these from ever equalling a content or stat id. surrogatepass:
+    # a manifest's lone surrogate must not crash the id of the reject that reports it.
+    return _short(hashlib.sha256(f"uri\0{uri}".encode("utf-8", "surrogatepass")).hexdigest())
 
 
 def content_video_id(uri: str, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
@@ -62,15 +67,11 @@ class IngestStage:
 
     def _one(self, row: dict) -> dict:
         uri = row["source_uri"]
-        try:
-            if self.cfg.id_mode == "content":
-                stat(uri)  # directories and missing objects fail here with a clear error
-                video_id, size = content_video_id(uri, self.cfg.chunk_bytes)
-            else:
-                video_id, size = stat_video_id(uri)
-        except (OSError, ValueError, ImportError) as exc:  # missing, permission, I/O, bad URI
-            failed = dict(row, video_id=uri_video_id(str(uri)))
-            return reject(failed, STAGE, "unreadable_input", f"{type(exc).__name__}: {exc}")
+        if self.cfg.id_mode == "content":
+            stat(uri)  # directories and missing objects fail here with a clear error
+            video_id, size = content_video_id(uri, self.cfg.chunk_bytes)
+        else:
+            video_id, size = stat_video_id(uri)
         return dict(row, video_id=video_id, src_bytes=size)
 
     def __call__(self, rows: list[dict]) -> list[dict]:
@@ -79,7 +80,9 @@ class IngestStage:
             return dict(row, video_id=row.get("video_id") or uri_video_id(
                 str(row.get("source_uri"))))
 
-        return map_rows(rows, STAGE, self._one, on_reject=with_id)
+        # OSErrors take the shared reasons (missing: unreadable_input; a network hiccup:
+        # remote_read_error, retried by a later run).
+        return map_rows(rows, STAGE, self._one, expected=_UNREADABLE, on_reject=with_id)
 
 
 __all__ = ["IngestConfig", "IngestStage", "content_video_id", "stat_video_id", "uri_video_id"]

@@ -7,8 +7,9 @@ to ``max_attempts`` times per prompt. The raw answers are kept (``llm_raw_motion
 ``llm_raw_local``: the last answer of each; a reject's ``reject_detail`` holds every attempt).
 
 Rejects: ``unparseable_llm_output`` (no parseable answer after all attempts), ``no_objects``
-(the object answer, last time, named no object), ``prompts_failed`` (the engine failed on every
-attempt, or manifest mode found no / invalid given prompts), ``stage_error`` (no caption).
+(the object answer, last time, named no object), ``prompts_failed`` (manifest mode found no /
+invalid given prompts), all permanent; ``engine_error`` (the engine failed on every attempt of
+a prompt: transient), ``stage_error`` (no caption).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class PromptStage:
             return {**row, "c_motion": motion.value, "c_local": [o.as_dict() for o in objects]}
         failed = [t for t in (motion, local) if not t.done]
         if all(e["error"] == "engine_error" for t in failed for e in t.log):
-            reason = "prompts_failed"
+            reason = "engine_error"  # the model never answered: transient
         elif not local.done and local.log and local.log[-1]["error"] == "no_objects":
             reason = "no_objects"
         else:

@@ -19,14 +19,15 @@ model hub. Loading and embedding are :mod:`ttm_ray.evaluation.clip_embed`'s (the
 metric's code, re-exported here as ``load_clip``, ``ClipEmbedder``, ``temporal_consistency``).
 Frames are decoded in chunks and shrunk right away, so a 128-frame 1080p clip never
 sits in memory whole; embeddings of several clips share forward passes of ``batch_size``.
-Rejects: ``unreadable_input`` / ``unreadable_video`` (frames do not decode), ``stage_error``.
+Rejects: the shared reasons of :func:`~data_prep.rows.reason_for` (frames that do not read:
+``unreadable_input`` / ``unreadable_video`` / ``remote_read_error``; the model running out of
+memory: ``out_of_memory`` for the whole batch; a bug or a model error: ``stage_error``).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from data_prep.rows import is_rejected, reject
+from data_prep.rows import free_cuda_memory, is_rejected, reject_batch, reject_error
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import decode_mask
-from ttm_ray.dataset.video import InputNotReadable, Video, VideoReadError
+from ttm_ray.dataset.video import Video
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ below provides them
     from ttm_ray.evaluation.clip_embed import (
@@ -224,18 +225,16 @@ class ScoreStage:
                         todo.append(k)
                 except _ModelError:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # frames that do not read, a bug: this row only
                     if batcher is not None:
                         batcher.drop(k)
-                    out[k] = _row_error(row, exc)
+                    out[k] = reject_error(row, STAGE, exc)
             if batcher is not None:
                 batcher.flush()
         except _ModelError as exc:
             # The model failed (OOM, broken checkpoint): no row of this batch has its scores.
-            for k, row in enumerate(rows):
-                if not is_rejected(row) and not is_rejected(out[k]):
-                    out[k] = reject(out[k], STAGE, "stage_error", exc.detail)
-            return out
+            free_cuda_memory(exc.cause)
+            return reject_batch(out, STAGE, exc.cause)
         if todo:  # rows waiting for embeddings imply a batcher (and torch already loaded)
             assert batcher is not None
             consistency = _clip_api("temporal_consistency")
@@ -246,19 +245,12 @@ class ScoreStage:
         return out
 
 
-def _row_error(row: dict, exc: Exception) -> dict:
-    if isinstance(exc, InputNotReadable):
-        return reject(row, STAGE, "unreadable_input", str(exc))
-    if isinstance(exc, VideoReadError):
-        return reject(row, STAGE, "unreadable_video", str(exc))
-    # A bug: reject this clip only, keep the rest of the batch.
-    return reject(row, STAGE, "stage_error", traceback.format_exc(limit=8))
-
-
 class _ModelError(RuntimeError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+    """The CLIP forward pass raised ``cause``: the whole batch is without scores."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 class _Batcher:
@@ -295,7 +287,7 @@ class _Batcher:
             emb = np.concatenate([self.embedder.embed(pixels[i:i + self.batch_size])
                                   for i in range(0, pixels.shape[0], self.batch_size)])
         except Exception as exc:
-            raise _ModelError(traceback.format_exc(limit=8)) from exc
+            raise _ModelError(exc) from exc
         for key, e in zip(keys, emb, strict=True):
             self.done[key].append(e)
 

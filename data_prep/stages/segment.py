@@ -29,8 +29,10 @@ and keeps this one).
 
 Objects whose mask is empty in every frame leave ``masks`` and go to ``dropped_objects``
 (reason ``empty_mask``); ``boxes`` stays the grounding result. Rejects: ``segmentation_failed``
-(no boxes, an exception while tracking, every mask empty), ``unreadable_input`` /
-``unreadable_video`` (the frames do not decode).
+(no boxes, every mask empty: permanent); an exception while tracking takes the shared reason
+of :func:`~data_prep.rows.reason_for` (frames that do not read: ``unreadable_input`` /
+``unreadable_video`` / ``remote_read_error``; CUDA out of memory: ``out_of_memory``; anything
+else, SAM2 raising included: ``stage_error`` with the traceback; the last two transient).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import contextlib
 import functools
 import logging
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,11 +49,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_prep.rows import map_rows, reject
+from data_prep.rows import free_cuda_memory, map_rows, reject
 from data_prep.stages.ground import resolve_device
 from ttm_ray.config import constrained
 from ttm_ray.dataset.rle import Rle, encode_masks
-from ttm_ray.dataset.video import InputNotReadable, Video, VideoReadError, read_frames
+from ttm_ray.dataset.video import Video, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -332,14 +333,9 @@ class SegmentStage:
                     window=self.cfg.window, mask_threshold=self.cfg.mask_threshold,
                     offload_video_to_cpu=self.cfg.offload_video_to_cpu,
                     autocast_dtype=self.autocast_dtype)
-        except InputNotReadable as exc:
-            return reject(row, STAGE, "unreadable_input", str(exc))
-        except VideoReadError as exc:
-            return reject(row, STAGE, "unreadable_video", str(exc))
-        except Exception as exc:  # model/tensor errors, CUDA OOM: this row only
-            _free_cuda_memory(exc)
-            return reject(row, STAGE, "segmentation_failed",
-                          f"SAM2 tracking failed: {traceback.format_exc(limit=6)}")
+        except Exception as exc:  # this row only: map_rows gives the shared reason
+            free_cuda_memory(exc)
+            raise
         log.debug("segment %s: %d objects x %d frames in %.2fs", row.get("clip_id"),
                   len(boxes), len(indices), time.perf_counter() - t0)
         return self._finish(row, boxes, tracks)
@@ -372,13 +368,6 @@ class SegmentStage:
                           f"{len(tracks.areas[0]) if tracks.areas else 0} frames "
                           f"(mask_threshold {self.cfg.mask_threshold})")
         return row
-
-
-def _free_cuda_memory(exc: BaseException) -> None:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        torch.cuda.empty_cache()
 
 
 __all__ = ["IMG_MEAN", "IMG_STD", "SegmentConfig", "SegmentStage", "Tracks", "build_predictor",

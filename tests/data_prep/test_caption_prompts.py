@@ -262,7 +262,7 @@ def test_prompt_stage_reasons_no_objects_and_engine_failure():
     broken = ScriptedEngine(lambda r, n: EngineError("scripted", "prompt too long"))
     rows = PromptStage(PromptConfig(engine=MODEL_CFG, max_attempts=2), engine=broken)(
         [captioned()])
-    assert rows[0]["reject_reason"] == "prompts_failed"
+    assert rows[0]["reject_reason"] == "engine_error"  # the model never answered: transient
     assert "prompt too long" in rows[0]["reject_detail"] and rows[0]["llm_attempts"] == 2
     assert rows[0]["llm_raw_motion"] is None
     assert_valid_rows(rows)

@@ -267,7 +267,8 @@ def test_segment_failures_become_rejects(random_sam2, mask_corpus):
         raise RuntimeError("frame source exploded")
 
     out = SegmentStage(cfg, read_frames_fn=broken, predictor=predictor)([good])
-    assert out[0]["reject_reason"] == "segmentation_failed"
+    # An exception while tracking is no fact about the input: the shared fallback (transient).
+    assert out[0]["reject_reason"] == "stage_error"
     assert "frame source exploded" in out[0]["reject_detail"]
 
     stage = SegmentStage(cfg, predictor=predictor)
