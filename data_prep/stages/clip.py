@@ -9,7 +9,11 @@ Policies: ``fixed`` cuts clips of ``num_frames`` sampled frames every ``stride_f
 sampled frames (non-overlapping by default); ``whole`` makes one clip of the whole video
 (``min_frames`` .. ``max_frames`` sampled frames). ``resolutions`` names the training sizes
 (U-Net 512x512, DiT 256x256) that :func:`decode_clip` crops for; with ``max_upscale`` set, a
-video any of them would upscale by more than that is rejected ``too_small``.
+video any of them would upscale by more than that is rejected ``too_small``. Sampling at
+``fps`` above the source's rate repeats frames (a 4 fps video at 8 fps is a stop-motion clip
+that teaches the model nothing about motion): by default a video whose clips would repeat
+frames more than ``max_frame_repeat`` (1.5) times on average is rejected ``low_fps``. 1.5
+keeps the common rates (24/25/30 fps, and 8 fps at fps 8) and catches 5 fps and below.
 
 Broken files: decord indexes every packet when it opens a file, so a truncated file opens
 with the frames really present (or not at all) and a too-short remainder is ``too_short``;
@@ -35,7 +39,6 @@ import numpy as np
 from data_prep.rows import map_rows, reject
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import (
-    InputNotReadable,
     Video,
     VideoInfo,
     VideoReadError,
@@ -78,6 +81,10 @@ class ClipConfig:
     max_upscale: float | None = constrained(
         None, gt=0, help="reject (too_small) a video that any resolution would upscale by "
         "more than this factor; null: no limit")
+    max_frame_repeat: float | None = constrained(
+        1.5, ge=1, help="reject (low_fps) a video whose frame rate is so far below fps that "
+        "clips would show each source frame more than this many times on average "
+        "(fps / source fps); null: no limit")
     verify: Literal["last_frame", "all_frames", "none"] = constrained(
         "last_frame", help="decode check per clip: its last sampled frame (cheap), every "
         "sampled frame (about one decode of the video), or none")
@@ -144,6 +151,12 @@ def clip_id(video_id: str, span: ClipSpan) -> str:
     return f"{video_id}-{span.start_frame:06d}-{span.end_frame:06d}-{digest}"
 
 
+def frame_repeat(info: VideoInfo, cfg: ClipConfig) -> float:
+    """How often a clip shows each source frame on average: ``clip.fps / source fps`` when
+    sampling faster than the source (a 4 fps video at 8 fps shows each frame twice), else 1."""
+    return 1.0 if cfg.fps is None else max(1.0, cfg.fps / info.fps)
+
+
 def max_upscale_needed(info: VideoInfo, cfg: ClipConfig) -> float:
     """The largest resize factor any target resolution needs for this video."""
     factors = []
@@ -192,13 +205,8 @@ class ClipStage:
         self.cfg = cfg or ClipConfig()
 
     def _clips(self, row: dict) -> list[dict]:
-        try:
-            video = Video(row["source_uri"])
-        except InputNotReadable as exc:
-            return [reject(row, STAGE, "unreadable_input", str(exc))]
-        except VideoReadError as exc:
-            return [reject(row, STAGE, "unreadable_video", str(exc))]
-        with video:
+        # Video() raises InputNotReadable / VideoReadError: map_rows gives their reasons.
+        with Video(row["source_uri"]) as video:
             info = video.info
             row = dict(row, src_fps=info.fps, src_num_frames=info.num_frames,
                        src_height=info.height, src_width=info.width)
@@ -210,6 +218,13 @@ class ClipStage:
                                    f"{info.width}x{info.height} needs {need:.2f}x upscaling for "
                                    f"{[(r.name, r.width, r.height) for r in cfg.resolutions]}; "
                                    f"max_upscale is {cfg.max_upscale}")]
+            repeat = frame_repeat(info, cfg)
+            if cfg.max_frame_repeat is not None and repeat > cfg.max_frame_repeat:
+                return [reject(row, STAGE, "low_fps",
+                               f"the source has {info.fps:.3f} fps and clip.fps is {cfg.fps}: "
+                               f"each source frame would repeat {repeat:.2f}x, more than "
+                               f"clip.max_frame_repeat ({cfg.max_frame_repeat}); lower clip.fps, "
+                               f"or raise clip.max_frame_repeat (null disables the check)")]
             spans = plan_clips(info, cfg)
             if not spans:
                 return [reject(row, STAGE, "too_short", self._too_short_detail(info))]
@@ -249,4 +264,4 @@ def decode_clip(row: dict, height: int, width: int, num_threads: int = 1) -> np.
 
 
 __all__ = ["ClipConfig", "ClipSpan", "ClipStage", "Resolution", "clip_id", "decode_clip",
-           "failed_clips", "max_upscale_needed", "plan_clips"]
+           "failed_clips", "frame_repeat", "max_upscale_needed", "plan_clips"]

@@ -15,10 +15,12 @@ from data_prep.stages.clip import (
     ClipStage,
     Resolution,
     decode_clip,
+    frame_repeat,
     max_upscale_needed,
     plan_clips,
 )
 from data_prep.stages.ingest import IngestConfig, IngestStage, uri_video_id
+from data_prep.synthetic import FPS_CHOICES
 from ttm_ray.config import ConfigError, from_dict
 from ttm_ray.dataset.video import Video, VideoInfo, VideoReadError, write_video
 
@@ -303,6 +305,35 @@ def test_max_upscale_rejects_small_videos(corpus):
     info = VideoInfo(30.0, 60, 144, 176)
     assert max_upscale_needed(info, ClipConfig()) == pytest.approx(512 / 144)
     assert not is_rejected(clips_of(corpus["qcif_60f_30fps"], ClipConfig(max_upscale=4.0))[0])
+
+
+def test_low_fps_sources_are_rejected_unless_switched_off(tmp_path):
+    slow = tmp_path / "slow_40f_4fps.mp4"
+    write_video(slow, grey_frames(40, 64, 64), 4.0)  # 10 s at 4 fps
+    (row,) = clips_of(slow)  # clip.fps 8: every source frame twice
+    assert row["reject_reason"] == "low_fps" and row["reject_stage"] == "clip"
+    assert row["src_fps"] == pytest.approx(4.0) and row["clip_id"] is None
+    detail = row["reject_detail"]
+    assert "4.000 fps" in detail and "clip.fps is 8.0" in detail and "2.00x" in detail
+    assert "lower clip.fps" in detail and "clip.max_frame_repeat" in detail
+    for cfg in (ClipConfig(max_frame_repeat=None), ClipConfig(max_frame_repeat=2.0),
+                ClipConfig(fps=4.0), ClipConfig(fps=None)):
+        rows = clips_of(slow, cfg)
+        assert rows and not any(is_rejected(r) for r in rows), cfg
+
+
+def test_frame_repeat_and_the_default_limit():
+    assert frame_repeat(VideoInfo(4.0, 40, 64, 64), ClipConfig()) == 2.0
+    assert frame_repeat(VideoInfo(30.0, 40, 64, 64), ClipConfig()) == 1.0  # downsampling
+    assert frame_repeat(VideoInfo(4.0, 40, 64, 64), ClipConfig(fps=None)) == 1.0
+    # The default keeps every rate the generated corpus uses (8/12/24/30 fps at clip.fps 8)
+    # and rejects 5 fps and below.
+    limit = ClipConfig().max_frame_repeat
+    assert all(frame_repeat(VideoInfo(f, 40, 64, 64), ClipConfig()) <= limit
+               for f in FPS_CHOICES)
+    assert frame_repeat(VideoInfo(5.0, 40, 64, 64), ClipConfig()) > limit
+    with pytest.raises(ConfigError, match="max_frame_repeat"):
+        from_dict(ClipConfig, {"max_frame_repeat": 0.5})
 
 
 def test_rejected_rows_pass_through_clip(corpus, tmp_path):
