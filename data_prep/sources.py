@@ -5,7 +5,9 @@ given_*=...)``). Folders and URIs share one code path (``pyarrow.fs``; fsspec fo
 pyarrow lacks), so ``/data/videos``, ``file:///data/videos`` and ``s3://bucket/videos/`` list
 the same way. A source that cannot be read at all (missing folder or manifest, unknown
 manifest format, no ``path``/``uri`` column) is a configuration error raised before any work
-starts; one bad entry inside a manifest becomes a reject row and the run goes on.
+starts; one bad entry inside a manifest becomes a reject row (``bad_manifest_entry``) and the
+run goes on, and so does an entry naming an input again (``duplicate_input``, see
+:func:`duplicate_reject`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -222,7 +225,9 @@ def read_manifest(cfg: SourceConfig) -> list[dict]:
     if records and not columns & {"path", "uri"}:
         raise SourceError(cfg, f"manifest has no 'path' or 'uri' column (has {sorted(columns)})")
     manifest_dir = _manifest_dir(cfg.path)
-    rows, seen, duplicates = [], set(), 0
+    rows: list[dict] = []
+    first: dict[str, tuple[int, dict]] = {}  # source_uri -> its first entry (index, row)
+    repeats: Counter[str] = Counter()
     for i, record in enumerate(records):
         try:
             row = _entry_row(record, manifest_dir)
@@ -231,16 +236,38 @@ def read_manifest(cfg: SourceConfig) -> list[dict]:
             bad = new_row(source_uri=where, video_id=uri_video_id(where))
             rows.append(reject(bad, STAGE, "bad_manifest_entry", f"entry {i}: {exc}"))
             continue
-        # The same file twice would give the same ids twice: keep the first entry.
-        if row["source_uri"] in seen:
-            duplicates += 1
+        uri = row["source_uri"]
+        if uri in first:
+            repeats[uri] += 1
+            rows.append(duplicate_reject(row, i, *first[uri], repeats[uri]))
             continue
-        seen.add(row["source_uri"])
+        first[uri] = (i, row)
         rows.append(row)
-    if duplicates:
-        log.warning("%s: %d duplicate entries skipped", cfg.path, duplicates)
+    if repeats:
+        log.warning("%s: %d duplicate entries (rejected as duplicate_input)", cfg.path,
+                    sum(repeats.values()))
     return rows
 
 
-__all__ = ["VIDEO_EXTENSIONS", "SourceConfig", "SourceError", "list_inputs",
+def duplicate_reject(row: dict, index: int, first_index: int, first_row: dict, n: int) -> dict:
+    """The ``duplicate_input`` reject of entry ``index``, the ``n``-th repeat of the input
+    that entry ``first_index`` (``first_row``) names; entries count from 0.
+
+    The same file twice would be processed twice under the same ids, so only the first entry
+    is. The repeat stays visible as a reject, under its own work-store key: a whole-video
+    reject is keyed by ``video:{video_id}:{source_uri}`` (last written wins), so it keeps the
+    ``source_uri`` but gets ``video_id = <uri id>#dup<n>``, which no content, stat or URI id
+    (``v`` + hex) can equal, and which is the same in every run of the same manifest.
+    """
+    uri = row["source_uri"]
+    differs = [c for c in _GIVEN.values() if row[c] != first_row[c]]
+    differs += [c for c in ("given_object_prompts", "annotation_uri") if row[c] != first_row[c]]
+    detail = f"entry {index} names {uri} again: entry {first_index} is used"
+    if differs:
+        detail += f" (this entry's {', '.join(differs)} differ and are ignored)"
+    dup = dict(row, video_id=f"{uri_video_id(uri)}#dup{n}")
+    return reject(dup, STAGE, "duplicate_input", detail)
+
+
+__all__ = ["VIDEO_EXTENSIONS", "SourceConfig", "SourceError", "duplicate_reject", "list_inputs",
            "list_video_files", "read_manifest", "resolve"]

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.rows import COLUMNS, REJECT_REASONS, is_rejected, to_table
+from data_prep.rows import COLUMNS, REJECT_REASONS, is_rejected, reject_class, to_table
 from data_prep.sources import SourceConfig, SourceError, list_inputs, resolve
-from data_prep.stages.ingest import uri_video_id
+from data_prep.stages.ingest import IngestStage, uri_video_id
 from ttm_ray.config import ConfigError, from_dict
 
 OBJECTS = [{"name": "dog", "prompt": "a dog runs to the left"}]
@@ -167,9 +167,40 @@ def test_manifest_duplicates_and_limit(tmp_path):
     records = [{"path": "a.mp4"}, {"path": "b.mp4"}, {"path": "./a.mp4"}, {"path": "c.mp4"}]
     path = write_manifest(tmp_path, "parquet", records)
     rows = list_inputs(SourceConfig(kind="manifest", path=str(path)))
-    assert [Path(r["source_uri"]).name for r in rows] == ["a.mp4", "b.mp4", "c.mp4"]
+    assert [Path(r["source_uri"]).name for r in rows] == ["a.mp4", "b.mp4", "a.mp4", "c.mp4"]
+    assert [r["reject_reason"] for r in rows] == [None, None, "duplicate_input", None]
     rows = list_inputs(SourceConfig(kind="manifest", path=str(path), limit=2))
     assert len(rows) == 2
+
+
+def test_duplicate_entries_are_rejects_with_their_own_keys(tmp_path):
+    records = [{"path": "a.mp4", "caption": "first"}, {"path": "b.mp4"},
+               {"path": "./a.mp4", "caption": "second"}, {"path": "a.mp4", "caption": "first"},
+               {"path": "b.mp4"}]
+    path = write_manifest(tmp_path, "jsonl", records)
+    rows = list_inputs(SourceConfig(kind="manifest", path=str(path)))
+    a, b = str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")
+    assert [(r["source_uri"], r["status"]) for r in rows] == [
+        (a, "ok"), (b, "ok"), (a, "rejected"), (a, "rejected"), (b, "rejected")]
+    dups = rows[2:]
+    for r in dups:
+        assert r["reject_reason"] == "duplicate_input" and r["reject_stage"] == "source"
+        assert reject_class(r["reject_reason"]) == "permanent"
+    assert [r["video_id"] for r in dups] == [f"{uri_video_id(a)}#dup1", f"{uri_video_id(a)}#dup2",
+                                             f"{uri_video_id(b)}#dup1"]
+    assert dups[0]["reject_detail"] == (f"entry 2 names {a} again: entry 0 is used (this "
+                                        "entry's given_caption differ and are ignored)")
+    assert dups[1]["reject_detail"] == f"entry 3 names {a} again: entry 0 is used"
+    assert "entry 4 names" in dups[2]["reject_detail"] and "entry 1 is used" in (
+        dups[2]["reject_detail"])
+    # Work-store keys of whole-video rejects: none equals another's or an original's, whatever
+    # id ingest gives the originals (content ids are "v" + hex; a "#" never occurs in them).
+    ingested = IngestStage()(rows)
+    assert ingested[2:] == dups  # rejects pass ingest untouched
+    # The work store's row_key: the clip, else f"video:{video_id}:{source_uri}".
+    keys = [r["clip_id"] or f"video:{r['video_id']}:{r['source_uri']}" for r in ingested]
+    assert len(set(keys)) == len(keys)
+    to_table(rows)
 
 
 def test_manifest_config_errors(tmp_path):
