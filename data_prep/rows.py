@@ -123,6 +123,7 @@ ROW_SCHEMA = pa.schema(
         ("src_width", pa.int64()),
         # clip
         ("clip_index", pa.int64()),
+        ("video_clips", pa.int64()),  # clips cut from the video (its clip rows all say so)
         ("start_frame", pa.int64()),
         ("end_frame", pa.int64()),
         ("frame_indices", pa.list_(pa.int64())),

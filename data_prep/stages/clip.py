@@ -232,8 +232,10 @@ class ClipStage:
         clip_fps = cfg.fps if cfg.fps is not None else info.fps
         out = []
         for k, span in enumerate(spans):
+            # video_clips: a rerun skips the whole video once all its clips are done
             clip = dict(row, clip_id=clip_id(row["video_id"], span), clip_index=k,
-                        start_frame=span.start_frame, end_frame=span.end_frame,
+                        video_clips=len(spans), start_frame=span.start_frame,
+                        end_frame=span.end_frame,
                         frame_indices=list(span.frame_indices), clip_fps=float(clip_fps),
                         num_frames=len(span.frame_indices))
             if k in failed:
