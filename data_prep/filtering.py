@@ -192,6 +192,7 @@ def refilter_rows(rows: Iterable[dict], cfg: FilterConfig) -> tuple[list[dict], 
     Kept rows and ``filtered`` rejects are judged again from their stored scores: a formerly
     filtered row that now passes comes back with status ``ok`` and its reject fields cleared.
     Rows rejected for any other reason stay rejected, untouched. Input rows are not modified.
+    ``cfg.enabled: false`` keeps every scored row (a formerly filtered one comes back too).
     """
     kept: list[dict] = []
     rejected: list[dict] = []
@@ -200,7 +201,7 @@ def refilter_rows(rows: Iterable[dict], cfg: FilterConfig) -> tuple[list[dict], 
             rejected.append(row)
             continue
         fresh = dict(row, status=OK, reject_stage=None, reject_reason=None, reject_detail=None)
-        out = apply_filter(fresh, cfg)
+        out = apply_filter(fresh, cfg) if cfg.enabled else dict(fresh, filter_failed=[])
         (rejected if is_rejected(out) else kept).append(out)
     return kept, rejected
 
