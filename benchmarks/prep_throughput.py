@@ -347,14 +347,15 @@ def run_ray(cfg: Any, inputs: list[dict]) -> dict[str, Any]:
     import ray
 
     from data_prep.pipeline import build_pipeline, capacity_bundles
-    from data_prep.writer import DoneSet
+    from data_prep.rows import to_table
+    from data_prep.work_index import DoneIndex
     from ttm_ray.ops.capacity import ensure_capacity
 
     # fail instead of hanging (a local Ray: no autoscaler, so no waiting either)
     ensure_capacity(capacity_bundles(cfg), timeout_s=0, what="benchmark")
     sink = ray.remote(StageSink).options(num_cpus=0).remote()
     wall_start, start = time.time(), time.perf_counter()
-    ds = build_pipeline(cfg, inputs, DoneSet(), WorkerProbe(sink))
+    ds = build_pipeline(cfg, to_table(inputs), DoneIndex(), WorkerProbe(sink))
     rows: list[dict] = []
     first_batch_s = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

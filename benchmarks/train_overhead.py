@@ -106,7 +106,7 @@ def build_dataset(root: Path, clip_dir: Path) -> Path:
     """The training tests' tiny dataset (see ``tests/training/conftest.py``), from the
     quickstart prep config; returns the dataset root (its ``latest`` version)."""
     from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from data_prep.job import run_prep
     from data_prep.synthetic import generate_corpus
     from ttm_ray.config import load_config
 

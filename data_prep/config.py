@@ -48,8 +48,38 @@ class ResourcesConfig:
 @dataclass
 class OutputConfig:
     dir: str | None = constrained(
-        None, help="run folder (work/ rows, dataset/ versions); null: <run.root>/<run.name>")
-    rows_per_file: int = constrained(2000, gt=0, help="rows per Parquet part of the work store")
+        None, help="run folder (work/ rows, dataset/ versions), a local or shared POSIX "
+        "folder; null: <run.root>/<run.name>")
+    flush_rows: int = constrained(
+        500, gt=0, help="the work store writes a part every this many finished rows: a kill "
+        "loses at most this many (and flush_seconds' worth)")
+    flush_seconds: float = constrained(
+        30.0, gt=0, help="... or when the oldest unwritten row is this old")
+
+    def validate(self) -> None:
+        if self.dir and "://" in self.dir and not self.dir.startswith("file://"):
+            raise ValueError(
+                f"output.dir is {self.dir!r}, a URI: the work store appends and renames part "
+                "files, which object stores cannot do atomically. Use a local or shared POSIX "
+                "folder (NFS, FSx, EFS); publish.dataset_root may be s3://")
+
+
+@dataclass
+class FaultConfig:
+    """How the pipeline treats faults: retries, crashes and transient rejects."""
+
+    max_attempts: int = constrained(
+        3, ge=1, help="runs that may try a row whose reject is transient (engine error, OOM, "
+        "remote read, worker crash, stage bug); after that the reject is final")
+    task_retries: int = constrained(
+        2, ge=0, help="Ray retries of a CPU task or an actor call whose worker died")
+    actor_restarts: int = constrained(2, ge=0, help="restarts of a model actor that died")
+    max_errored_blocks: int = constrained(
+        32, ge=0, help="blocks that may fail after retries before the run stops; their "
+        "inputs are re-run one per task, and an input that kills its worker again becomes "
+        "a worker_crashed reject")
+    isolation_timeout_s: float = constrained(
+        900.0, gt=0, help="how long one input may run alone when re-run after a crash")
 
 
 @dataclass
@@ -75,6 +105,7 @@ class PrepConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     max_input_blocks: int = constrained(
         200, gt=0, help="inputs are split into at most this many blocks for the first stages"
     )
@@ -108,9 +139,13 @@ class PrepConfig:
         return self.output_dir / "work"
 
     @property
-    def dataset_root(self) -> Path:
-        return Path(self.publish.dataset_root) if self.publish.dataset_root else (
-            self.output_dir / "dataset")
+    def dataset_root(self) -> str | Path:
+        """A folder (``Path``) or an object-store URI (``str``, e.g. ``s3://bucket/ds``)."""
+        root = self.publish.dataset_root
+        if root is None:
+            return self.output_dir / "dataset"
+        return root if "://" in root and not root.startswith("file://") else Path(
+            root.removeprefix("file://"))
 
     @property
     def cpu_stages(self) -> StageResources:

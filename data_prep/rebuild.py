@@ -433,7 +433,8 @@ def apply_retention(root: Path, keep: int | None) -> list[str]:
     return prune_versions(root, keep) if keep else []
 
 
-COUNT_KEYS = ("inputs", "already_done", "new_clips", "new_rejects", "kept", "rejected")
+COUNT_KEYS = ("inputs", "already_done", "new_clips", "new_rejects", "kept", "rejected",
+              "rejected_permanent", "rejected_transient", "isolated_inputs")
 
 
 def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | None = None,
@@ -441,7 +442,7 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
     """One scheduled rebuild; returns its status record (also written under
     ``<dataset_root>/rebuilds/``). Status ``already_running`` is returned, not raised; a
     failure is recorded, notified, and then re-raised."""
-    from data_prep.pipeline import run_prep
+    from data_prep.job import run_prep
 
     root = cfg.dataset_root
     t0 = time.time()

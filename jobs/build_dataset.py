@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     def job() -> dict:
         from data_prep.config import PrepConfig
-        from data_prep.pipeline import format_summary, run_prep, run_refilter
+        from data_prep.job import format_summary, run_prep, run_refilter
 
         cfg = load_job_config(PrepConfig, args)
         if args.refilter:
@@ -49,10 +49,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if summary["rejects_by_reason"].get("stage_error"):
             raise RuntimeError(
                 f"{summary['rejects_by_reason']['stage_error']} rows hit a stage bug "
-                f"(reject_reason=stage_error in {summary['rejects_table']}); outputs are kept"
+                f"(reject_reason=stage_error in {summary['version_path']}/rejects); outputs "
+                "are kept, and the next run retries them (transient) up to faults.max_attempts"
             )
         keys = ("dataset_version", "version_path", "inputs", "new_clips", "new_rejects", "kept",
-                "rejected", "mlflow_run_id", "seconds")
+                "rejected", "rejected_permanent", "rejected_transient", "isolated_inputs",
+                "mlflow_run_id", "seconds")
         return {k: summary.get(k) for k in keys}
 
     return run_job(job, "build_dataset")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     def job() -> dict:
         from data_prep.config import PrepConfig
-        from data_prep.pipeline import format_summary, run_prep
+        from data_prep.job import format_summary, run_prep
         from data_prep.synthetic import generate_corpus
         from data_prep.tiny_models import build_tiny_clip
         from ttm_ray.config import load_config

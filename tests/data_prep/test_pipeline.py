@@ -7,7 +7,15 @@ it (the refilter test works on a copy)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.config import PrepConfig
-from data_prep.pipeline import run_prep, run_refilter, run_sequential
+from data_prep.job import run_prep, run_refilter
+from data_prep.pipeline import run_sequential
 from data_prep.sources import list_inputs
 from data_prep.synthetic import generate_corpus
 from ttm_ray.config import from_dict
@@ -61,7 +70,7 @@ def prep_config(manifest: Path, out: Path, clip_dir: Path, **extra: dict) -> Pre
         "score": {"clip_model_path": str(clip_dir), "device": "cpu"},
         "filter": {"omega": 0.0},
         "clip": {"num_frames": 8, "fps": 8.0},
-        "output": {"dir": str(out), "rows_per_file": 7},
+        "output": {"dir": str(out), "flush_rows": 7},
         "resources": {"score": {"num_cpus": 0.5}},
         **extra,
     }
@@ -268,3 +277,119 @@ def test_embedded_clip_bytes_decode_at_the_target_size(ray_local, corpus: Path, 
 
         frames = decord.VideoReader(str(path)).get_batch(list(range(8))).asnumpy()
         assert frames.shape == (8, 48, 64, 3)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kept_masks(root: Path) -> dict[str, str]:
+    """clip id -> sha256 of its masks, over the latest version's data."""
+    table = open_version(root).read("data", columns=["clip_id", "masks"])
+    return {r["clip_id"]: hashlib.sha256(json.dumps(r["masks"], sort_keys=True).encode())
+            .hexdigest() for r in table.to_pylist()}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the job's process group (the driver and the local Ray it started)."""
+    import psutil
+
+    try:
+        members = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        members = [proc.pid]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in members:  # anything that left the group (Ray daemons): by pid, never by name
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
+        ray_local, corpus: Path, tmp_path: Path, tiny_clip_dir: Path,
+        full_run: tuple[PrepConfig, dict[str, Any]]) -> None:
+    """``ttm-ray prep`` killed with SIGKILL (no finally, no atexit) once rows reached the work
+    store; the rerun recomputes exactly what was lost: same kept clips, same masks."""
+    from ttm_ray.config import dump_yaml
+
+    cfg = prep_config(corpus, tmp_path / "killed", tiny_clip_dir,
+                      output={"dir": str(tmp_path / "killed"), "flush_rows": 1,
+                              "flush_seconds": 1.0},
+                      # one clip per scoring call: rows trickle in, so the kill lands midway
+                      resources={"score": {"num_cpus": 0.5, "batch_size": 1, "max_actors": 1}},
+                      run={"num_cpus": 2, "mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    config = tmp_path / "prep.yaml"
+    config.write_text(dump_yaml(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.build_dataset", "--config", str(config),
+                             "--no-progress"], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clips = cfg.work_dir / "clips"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if clips.is_dir() and any(clips.glob("part-*.parquet")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before it could be killed midway"
+    finally:
+        _kill_group(proc)
+    written = sum(pq.ParquetFile(p).metadata.num_rows for p in clips.glob("part-*.parquet"))
+    assert 0 < written < full_run[1]["kept"]  # midway: some rows on disk, not all
+    assert latest_version(cfg.dataset_root) is None
+    resumed = run_prep(cfg, progress=False, track=False)
+    assert resumed["already_done"] > 0
+    assert kept_masks(cfg.dataset_root) == kept_masks(full_run[0].dataset_root)
+    work = [c for p in clips.glob("part-*.parquet")
+            for c in pq.read_table(p, columns=["clip_id"]).column("clip_id").to_pylist()]
+    assert len(work) == len(set(work))  # nothing computed twice
+
+
+POISON_DRIVER = """
+import json, sys
+import ray
+from data_prep.config import PrepConfig
+from data_prep.job import run_prep
+from ttm_ray.config import load_config
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={
+    "worker_process_setup_hook": "poison_hook.install",
+    "env_vars": {"TTM_POISON_INPUT": sys.argv[2], "PYTHONPATH": sys.argv[3],
+                 "TOKENIZERS_PARALLELISM": "false"}})
+summary = run_prep(load_config(PrepConfig, sys.argv[1]), progress=False, track=False)
+print("SUMMARY " + json.dumps(summary, default=str))
+"""
+
+
+def test_an_input_that_crashes_its_worker_ends_as_a_reject(
+        corpus: Path, tmp_path: Path, tiny_clip_dir: Path) -> None:
+    """A decoder that aborts natively on one named input: Ray's retries are finite, the
+    failed block's inputs are re-run alone, the poison input becomes ``worker_crashed``
+    and every other input is processed."""
+    from ttm_ray.config import dump_yaml
+
+    manifest = pq.read_table(corpus)
+    valid = [m for m in manifest.to_pylist() if not m["corrupt"]][:4]
+    shutil.copytree(corpus.parent, tmp_path / "corpus")  # videos and their annotations
+    small = tmp_path / "corpus" / "manifest4.parquet"
+    pq.write_table(pa.Table.from_pylist(valid, schema=manifest.schema), small)
+    poison = Path(valid[1]["path"]).name
+    cfg = prep_config(small, tmp_path / "out", tiny_clip_dir,
+                      faults={"task_retries": 1, "max_errored_blocks": 8,
+                              "isolation_timeout_s": 120})
+    config = tmp_path / "prep.yaml"
+    config.write_text(dump_yaml(cfg))
+    hooks = str(Path(__file__).parent)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
+           "PYTHONPATH": os.pathsep.join([str(REPO), hooks])}
+    out = subprocess.run([sys.executable, "-c", POISON_DRIVER, str(config), poison,
+                          os.pathsep.join([str(REPO), hooks])],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads(out.stdout.split("SUMMARY ", 1)[1])
+    assert summary["isolated_inputs"] >= 1
+    version = open_version(cfg.dataset_root)
+    rejects = version.read("rejects").to_pylist()
+    crashed = [r for r in rejects if r["reject_reason"] == "worker_crashed"]
+    assert [Path(r["source_uri"]).name for r in crashed] == [poison]
+    assert poison in crashed[0]["reject_detail"]
+    kept_sources = {Path(r["source_uri"]).name for r in version.read("data").to_pylist()}
+    assert kept_sources == {Path(m["path"]).name for m in valid} - {poison}

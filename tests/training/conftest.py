@@ -25,7 +25,7 @@ def tiny_dataset(ray_local, tmp_path_factory: pytest.TempPathFactory,
                  tiny_clip_dir: Path) -> Path:
     """The root of a published dataset version (``latest``) made by ``run_prep``."""
     from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from data_prep.job import run_prep
     from data_prep.synthetic import generate_corpus
     from ttm_ray.config import from_dict
 
