@@ -167,3 +167,17 @@ def test_unencodable_value_becomes_a_reject_in_the_work_store(tmp_path: Path) ->
     write_run(tmp_path, [r for r in table.to_pylist()])
     assert read_parts(tmp_path / REJECTS_DIR).num_rows == 1
     assert isinstance(read_parts(tmp_path / CLIPS_DIR), pa.Table)
+
+
+def test_done_index_buckets_split_the_keys_without_overlap(tmp_path: Path) -> None:
+    """Each index actor holds one hash bucket of video ids: no process holds every done id."""
+    work = tmp_path / "work"
+    write_run(work, [clip(f"v{i}", j) for i in range(20) for j in range(2)])
+    whole = DoneIndex.build(work, max_attempts=3)
+    parts = [DoneIndex.build(work, max_attempts=3, bucket=b, buckets=3) for b in range(3)]
+    assert all(0 < len(p) < len(whole) for p in parts)
+    merged: dict[str, int] = {}
+    for p in parts:
+        assert not set(p.states) & set(merged)
+        merged.update(p.states)
+    assert merged == whole.states and sum(p.rows for p in parts) == whole.rows == 40
