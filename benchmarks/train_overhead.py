@@ -268,7 +268,7 @@ def run_local(cfg: TrainConfig, work: Path, warmup: int, steps: int,
     from ttm_ray.dataset.versions import open_version
     from ttm_ray.models import build_model
     from ttm_ray.training.checkpoint import TrainState, rank_seed, seed_everything
-    from ttm_ray.training.data import ShardedSampler, TrainingData
+    from ttm_ray.training.data import TrainingData, build_sampler
     from ttm_ray.training.loop import engine_fn, train_step
 
     if cfg.deepspeed.bf16:
@@ -286,8 +286,8 @@ def run_local(cfg: TrainConfig, work: Path, warmup: int, steps: int,
         encoders = cfg.encoders.build("cpu")
         data = TrainingData(dataclasses.replace(cfg.data, version=version), cfg.model.stage,
                             cfg.model, encoders, "cpu")
-        sampler = ShardedSampler(data.num_rows, 1, 0, cfg.batch.micro_batch,
-                                 cfg.batch.grad_accum, cfg.data.seed, cfg.data.shuffle)
+        sampler = build_sampler(cfg.data, data, 1, 0, cfg.batch.micro_batch,
+                                cfg.batch.grad_accum)
         objective = cfg.diffusion.build()
         guidance = cfg.diffusion.guidance.build(*encoders.null_text(1))
         state = TrainState.fresh(cfg.run.seed, 0)

@@ -124,7 +124,9 @@ def lineage(cfg: PrepConfig) -> dict[str, Any]:
 def shard_settings(cfg: PrepConfig) -> ShardSettings:
     target = cfg.clip.resolutions[0]
     return ShardSettings(embed_size=(target.height, target.width)
-                         if cfg.publish.embed_clip_bytes else None)
+                         if cfg.publish.embed_clip_bytes else None,
+                         row_group_rows=cfg.publish.row_group_rows,
+                         row_group_bytes=cfg.publish.row_group_bytes)
 
 
 def publish(cfg: PrepConfig) -> tuple[DatasetVersion, Published | None]:

@@ -56,6 +56,13 @@ VERSION_COLUMNS = ("caption_model", "caption_prompt_version", "prompts_model",
                    "motion_prompt_version", "local_prompt_version", "grounding_model",
                    "mask_model", "score_model")
 GROUPS_FILE = "groups.json"  # per version: each shard group's fingerprint, files and stats
+# Row groups of the data table. Training reads one row group per cache miss and shuffles
+# over windows of row groups (data.shuffle_groups), so a group should be about a micro batch,
+# not a file: 64 rows is a few micro batches; 8 MiB keeps a group with embedded clip bytes at
+# one S3 range GET of a few MB; at 10,000 rows per file that is ~160 groups per file, whose
+# footer metadata stays small next to the data.
+ROW_GROUP_ROWS = 64
+ROW_GROUP_BYTES = 8 << 20
 
 
 @dataclass
@@ -67,6 +74,13 @@ class PublishConfig:
                                      "shard group: parts of one run, published together)")
     embed_clip_bytes: bool = constrained(
         False, help="also store each clip re-encoded at the first clip.resolutions size")
+    row_group_rows: int = constrained(
+        ROW_GROUP_ROWS, gt=0, help="rows per Parquet row group of the data table: training "
+        "reads one group per cache miss, so 64 (a few micro batches) makes shuffled reads "
+        "cheap; more groups grow each file's footer")
+    row_group_bytes: int = constrained(
+        ROW_GROUP_BYTES, gt=0, help="bytes (in memory) per data row group at most: caps "
+        "groups of large rows (embedded clip bytes) at about one 8 MiB S3 range GET")
     keep_versions: int | None = constrained(
         None, gt=0, help="after publishing, delete all but the newest N versions (files a "
         "kept version still references stay)")
@@ -126,6 +140,8 @@ class ShardSettings:
     """Everything besides rows and filter that a shard file's bytes depend on."""
 
     embed_size: tuple[int, int] | None = None
+    row_group_rows: int | None = ROW_GROUP_ROWS  # None: pyarrow's default (1 group a file)
+    row_group_bytes: int | None = ROW_GROUP_BYTES
     schema_version: str = SCHEMA_VERSION
     colour_table: str = COLOUR_TABLE_VERSION
 
@@ -249,7 +265,10 @@ def publish_group(spec: GroupSpec, fingerprint: str, staging_uri: str, filt: Fil
             # The fingerprint in the name: a file reused from an older version never shares
             # a path with one this version writes for the same group index.
             rel = f"{name}/group-{spec.index:05d}-{fingerprint[:12]}.parquet"
-            files[name] = [write_part(staging_uri, rel, table)]
+            # Small row groups for the table training reads at random (rejects: one group).
+            groups = ((settings.row_group_rows, settings.row_group_bytes) if name == "data"
+                      else (None, None))
+            files[name] = [write_part(staging_uri, rel, table, *groups)]
     return {"files": files, "stats": stats.to_dict()}
 
 

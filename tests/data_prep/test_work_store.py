@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from data_prep.filtering import FilterConfig
 from data_prep.publish import (
+    ShardSettings,
     publish_work_store,
     read_groups,
     refilter_version,
@@ -181,3 +183,23 @@ def test_done_index_buckets_split_the_keys_without_overlap(tmp_path: Path) -> No
         assert not set(p.states) & set(merged)
         merged.update(p.states)
     assert merged == whole.states and sum(p.rows for p in parts) == whole.rows == 40
+
+
+def test_publish_writes_small_row_groups_for_random_reads(tmp_path: Path) -> None:
+    """Training reads one row group per cache miss: the data table is cut by rows and bytes
+    (publish.row_group_rows / row_group_bytes); the rejects table stays one group."""
+    work = tmp_path / "work"
+    write_run(work, [clip(f"v{i}", j) for i in range(5) for j in range(2)]
+              + [clip("low", j, score=0.1, clips=3) for j in range(3)])
+
+    def data_groups(settings: ShardSettings, name: str) -> list[int]:
+        version = publish_work_store(work, tmp_path / name, FilterConfig(omega=0.5), {},
+                                     settings=settings).version
+        rejects = pq.ParquetFile(version.files("rejects")[0]).metadata.num_row_groups
+        assert rejects == 1
+        meta = pq.ParquetFile(version.files("data")[0]).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    assert data_groups(ShardSettings(), "default") == [10]  # 64 rows a group by default
+    assert data_groups(ShardSettings(row_group_rows=4), "rows") == [4, 4, 2]
+    assert data_groups(ShardSettings(row_group_bytes=1), "bytes") == [1] * 10

@@ -223,17 +223,36 @@ def open_version(root: Location, name: str | None = "latest") -> DatasetVersion:
     return DatasetVersion(root, name, _manifest(root, name))
 
 
-def write_part(staging_uri: str, rel_path: str, table: pa.Table) -> dict[str, Any]:
+def row_group_size(table: pa.Table, row_group_rows: int | None = None,
+                   row_group_bytes: int | None = None) -> int | None:
+    """Rows per Parquet row group so that a group holds at most ``row_group_rows`` rows and
+    about ``row_group_bytes`` bytes (in memory, estimated from the table's average row);
+    ``None``: pyarrow's default (one big group per file). Never below one row."""
+    if row_group_rows is None and row_group_bytes is None:
+        return None
+    limit = row_group_rows if row_group_rows is not None else max(table.num_rows, 1)
+    if row_group_bytes is not None and table.num_rows:
+        per_row = max(1, table.nbytes // table.num_rows)
+        limit = min(limit, row_group_bytes // per_row)
+    return max(1, int(limit))
+
+
+def write_part(staging_uri: str, rel_path: str, table: pa.Table,
+               row_group_rows: int | None = None,
+               row_group_bytes: int | None = None) -> dict[str, Any]:
     """Write one Parquet part of a version being written and return its manifest entry
     (``path``, ``rows``, ``bytes``, ``sha256`` of the bytes as written).
 
     A plain function so Ray workers can write parts in parallel into
     :attr:`VersionWriter.staging_uri`; the driver registers the entries with
     :meth:`VersionWriter.add_entries`. Hashing while writing saves reading the part back.
+    ``row_group_rows`` / ``row_group_bytes`` bound the row groups (:func:`row_group_size`):
+    small groups make a random row cheap to read (training reads one group per miss).
     """
     with open_output_stream(join(staging_uri, _check_rel(rel_path))) as out:
         sink = HashingWriter(out)
-        pq.write_table(table, sink)
+        pq.write_table(table, sink,
+                       row_group_size=row_group_size(table, row_group_rows, row_group_bytes))
     return {"path": rel_path, "rows": table.num_rows, "bytes": sink.size,
             "sha256": sink.hexdigest()}
 

@@ -227,10 +227,14 @@ class Video:
     a read fails only when it fails twice, which real damage always does.
     """
 
-    def __init__(self, uri: str, num_threads: int = 1) -> None:
+    def __init__(self, uri: str, num_threads: int = 1, probe: bool = True) -> None:
+        """``probe=False`` skips decoding frame 0 at open (size unknown until :attr:`info` is
+        asked for): a reader that wants a few frames deep in a long video decodes only those.
+        """
         # num_threads=1: Ray runs one decode task per CPU; decoder threads would oversubscribe.
         self.uri, self._num_threads, self._vr = str(uri), num_threads, None
         self._path: str | None = None
+        self._info: VideoInfo | None = None
         try:
             self._path = local_video_path(self.uri)
             if not os.path.isfile(self._path):
@@ -245,8 +249,9 @@ class Video:
                 self._still = _read_image(self._path)[None]
             except Exception as exc:  # PIL.UnidentifiedImageError, truncated files
                 raise VideoReadError(self.uri, f"cannot decode image: {_short(exc)}") from exc
-            self.info = VideoInfo(fps=1.0, num_frames=1, height=self._still.shape[1],
-                                  width=self._still.shape[2])
+            self._info = VideoInfo(fps=1.0, num_frames=1, height=self._still.shape[1],
+                                   width=self._still.shape[2])
+            self.num_frames = 1
             return
         try:
             self._vr = self._open()
@@ -256,10 +261,19 @@ class Video:
             raise VideoReadError(self.uri, f"cannot decode: {_short(exc)}") from exc
         if not math.isfinite(fps) or fps <= 0:
             raise VideoReadError(self.uri, f"no usable frame rate ({fps})")
-        # decord has no size API: decode frame 0 (which also proves something decodes).
-        first = self._decode([0], "cannot decode the first frame")[0]
-        self.info = VideoInfo(fps=fps, num_frames=int(num_frames),
-                              height=int(first.shape[0]), width=int(first.shape[1]))
+        self._fps, self.num_frames = fps, int(num_frames)
+        if probe:
+            self._info = self.info
+
+    @property
+    def info(self) -> VideoInfo:
+        """fps, frame count and size. decord has no size API: the first call decodes frame 0
+        (at open unless ``probe=False``; which also proves something decodes)."""
+        if self._info is None:
+            first = self._decode([0], "cannot decode the first frame")[0]
+            self._info = VideoInfo(fps=self._fps, num_frames=self.num_frames,
+                                   height=int(first.shape[0]), width=int(first.shape[1]))
+        return self._info
 
     def _open(self) -> Any:
         import decord
@@ -286,10 +300,10 @@ class Video:
             raise VideoReadError(self.uri, "video is closed")
         if not idx:
             return np.zeros((0, self.info.height, self.info.width, 3), np.uint8)
-        bad = [i for i in idx if not 0 <= i < self.info.num_frames]
+        bad = [i for i in idx if not 0 <= i < self.num_frames]
         if bad:
             raise VideoReadError(
-                self.uri, f"frame index {bad[0]} outside 0..{self.info.num_frames - 1}")
+                self.uri, f"frame index {bad[0]} outside 0..{self.num_frames - 1}")
         return self._decode(idx, "cannot decode frames")
 
     def close(self) -> None:
@@ -321,8 +335,13 @@ def probe_video(uri: str) -> VideoInfo:
 
 
 def read_frames(uri: str, indices: Sequence[int], num_threads: int = 1) -> np.ndarray:
-    """Frames ``indices`` of ``uri`` as ``[T, H, W, 3]`` uint8 RGB. Raises VideoReadError."""
-    with Video(uri, num_threads=num_threads) as v:
+    """Frames ``indices`` of ``uri`` as ``[T, H, W, 3]`` uint8 RGB. Raises VideoReadError.
+
+    Decodes only those frames (decord seeks to the keyframe before the first and decodes
+    forward; no probe of frame 0), so a clip deep in a long video costs its own span. A
+    remote ``uri`` is fetched whole once into the local cache (:func:`local_video_path`);
+    embedding clip bytes at publish avoids both the fetch and the seek."""
+    with Video(uri, num_threads=num_threads, probe=False) as v:
         return v.read(indices)
 
 

@@ -10,8 +10,8 @@ clip already resized / centre-cropped by data prep) and from ``source_uri`` at
 masks go through :func:`~ttm_ray.conditioning.trajectory.masks_from_rle` with the same target
 size, so trajectory pixels line up with frame pixels.
 
-Rows are read lazily from the version's Parquet files by row group (a small LRU cache), so a
-worker never holds the masks of a million clips in memory.
+Rows are read lazily from the version's Parquet files by row group (an LRU cache bounded in
+groups and bytes), so a worker never holds the masks of a million clips in memory.
 """
 
 from __future__ import annotations
@@ -46,51 +46,75 @@ class BadClipError(ValueError):
 
 
 # ----------------------------------------------------------------------------- reading rows
+#: Default cap on the bytes (Arrow, in memory) of cached row groups per reader: enough for 64
+#: groups of publish's 8 MiB, and what keeps a version written with 10,000-row groups (older
+#: publishes) from filling a worker's memory.
+CACHE_BYTES = 1 << 30
+
+
 class RowReader:
     """Random access to the rows of a dataset version's ``data`` table.
 
-    Only ``clip_id`` is read up front (to count rows and find a clip by id); other columns are
-    read one row group at a time on demand and the last ``cache_groups`` groups are kept, so
-    memory stays bounded by the row-group size, not the dataset size. Thread-safe.
+    Only the Parquet footers are read up front (row counts per row group). The row group is
+    the unit of transfer: a miss reads one group (its columns coalesced into one range read,
+    ``pre_buffer``, which matters on object stores) and an LRU cache keeps at most
+    ``cache_groups`` groups and ``cache_bytes`` bytes, so memory is bounded by the cache, not
+    the dataset. A sampler that walks windows of row groups (:class:`~ttm_ray.training.data.
+    ShardedSampler` with ``group_rows``) then reads each group about once per epoch.
+    Thread-safe.
     """
 
     def __init__(self, version: DatasetVersion, columns: Sequence[str] = COLUMNS,
-                 cache_groups: int = 4) -> None:
+                 cache_groups: int = 64, cache_bytes: int = CACHE_BYTES) -> None:
         self.version = version
         self.columns = list(columns)
         files = version.files("data")
         if not files:
             raise ValueError(f"{version.path}: dataset version has no data files")
         # Through the version: its files may be on an object store (s3://...).
-        self._files = [pq.ParquetFile(version.open_input_file(f)) for f in files]
+        self._files = [pq.ParquetFile(version.open_input_file(f), pre_buffer=True)
+                       for f in files]
         missing = sorted(set(self.columns) - set(self._files[0].schema_arrow.names))
         if missing:
             raise ValueError(f"{version.path}: data table lacks columns {missing}")
-        # (file, row group, first global row) per row group, in order.
-        self._groups: list[tuple[int, int, int]] = []
-        start = 0
-        for fi, f in enumerate(self._files):
-            for gi in range(f.metadata.num_row_groups):
-                self._groups.append((fi, gi, start))
-                start += f.metadata.row_group(gi).num_rows
-        self.num_rows = start
-        self._starts = np.asarray([g[2] for g in self._groups], dtype=np.int64)
-        self.clip_ids: list[str] = pa.concat_tables(
-            f.read(columns=["clip_id"]) for f in self._files).column("clip_id").to_pylist()
+        #: (file, row group) of every row group, in file order, and its row count
+        self._groups = [(fi, gi) for fi, f in enumerate(self._files)
+                        for gi in range(f.metadata.num_row_groups)]
+        self.group_rows: list[int] = [self._files[fi].metadata.row_group(gi).num_rows
+                                      for fi, gi in self._groups]
+        self._starts = np.concatenate([[0], np.cumsum(self.group_rows, dtype=np.int64)])
+        self.num_rows = int(self._starts[-1])
+        self._clip_ids: list[str] | None = None
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cache_groups = max(1, cache_groups)
+        self._cache_groups, self._cache_bytes = max(1, cache_groups), max(1, cache_bytes)
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+        #: row groups read so far (cache misses), for tests and benchmarks
+        self.groups_read = 0
+
+    @property
+    def clip_ids(self) -> list[str]:
+        """Every row's clip_id in row order (read once, on first use: only the ``clip_id``
+        column, for looking up a clip such as ``data.validation_clip``)."""
+        with self._lock:
+            if self._clip_ids is None:
+                self._clip_ids = [c for f in self._files for c in
+                                  f.read(columns=["clip_id"]).column("clip_id").to_pylist()]
+            return self._clip_ids
 
     def _group(self, index: int) -> pa.Table:
-        fi, gi, _ = self._groups[index]
         table = self._cache.get(index)
-        if table is None:
-            table = self._files[fi].read_row_group(gi, columns=self.columns)
-            self._cache[index] = table
-            while len(self._cache) > self._cache_groups:
-                self._cache.popitem(last=False)
-        else:
+        if table is not None:
             self._cache.move_to_end(index)
+            return table
+        fi, gi = self._groups[index]
+        table = self._files[fi].read_row_group(gi, columns=self.columns)
+        self.groups_read += 1
+        self._cache[index] = table
+        self._cached_bytes += table.nbytes
+        while len(self._cache) > 1 and (len(self._cache) > self._cache_groups
+                                        or self._cached_bytes > self._cache_bytes):
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return table
 
     def row(self, index: int) -> dict[str, Any]:
@@ -142,14 +166,16 @@ class Clip:
     token_ids: np.ndarray | None  # int64 [t, h, w] on the model's token grid (stage 2)
 
 
-def decode_clip_bytes(data: bytes, clip_id: str) -> np.ndarray:
-    """The embedded mp4 -> ``uint8 [T, H, W, 3]``, decoded from memory."""
+def decode_clip_bytes(data: bytes, clip_id: str, frames: int | None = None) -> np.ndarray:
+    """The embedded mp4 -> ``uint8 [T, H, W, 3]``, decoded from memory: the first ``frames``
+    frames only (all when ``None`` or when the clip is shorter)."""
     import decord
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        frames = reader.get_batch(list(range(len(reader))))
-        return frames.asnumpy() if hasattr(frames, "asnumpy") else np.asarray(frames)
+        count = len(reader) if frames is None else min(frames, len(reader))
+        batch = reader.get_batch(list(range(count)))
+        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     except Exception as exc:  # decord raises its own error types
         raise BadClipError(clip_id, f"clip_bytes do not decode: {exc}") from exc
 
@@ -164,7 +190,7 @@ def clip_frames(row: dict[str, Any], frames: int, height: int, width: int) -> np
     clip_id = row["clip_id"]
     data = row.get("clip_bytes")
     if data:
-        video = decode_clip_bytes(data, clip_id)
+        video = decode_clip_bytes(data, clip_id, frames)
         h, w = video.shape[1:3]
         if h * width == w * height:  # same aspect: a resize of the embedded crop is exact
             if len(video) < frames:
@@ -238,5 +264,5 @@ def prepare_clip(row: dict[str, Any], spec: ClipSpec) -> Clip:
     )
 
 
-__all__ = ["COLUMNS", "BadClipError", "Clip", "ClipSpec", "RowReader",
+__all__ = ["CACHE_BYTES", "COLUMNS", "BadClipError", "Clip", "ClipSpec", "RowReader",
            "clip_frames", "decode_clip_bytes", "prepare_clip"]

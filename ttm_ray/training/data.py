@@ -3,7 +3,9 @@
 Three parts, one job each:
 
 * :class:`ShardedSampler` + :class:`DataPosition`: a deterministic permutation per epoch from
-  ``(seed, epoch)``, cut into global steps and then into each rank's micro batches. The
+  ``(seed, epoch)`` (row groups in random order, rows shuffled within windows of
+  ``data.shuffle_groups`` groups, so reads hit the row-group cache), cut into global steps
+  and then into each rank's micro batches. The
   position (epoch, step) is all a checkpoint needs to continue with the next unseen batch,
   mid-epoch (Ray Data cannot resume mid-epoch, so training keeps its own position).
 * :class:`TrainingData`: rows of a published dataset version -> ``(x_data, ModelConditioning)``.
@@ -22,6 +24,7 @@ to exactly the model's latent grid).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,6 +48,8 @@ from ttm_ray.models.config import ModelConfig
 from ttm_ray.models.registry import token_grid
 from ttm_ray.training.clips import BadClipError, Clip, ClipSpec, RowReader, prepare_clip
 
+log = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -63,6 +68,12 @@ class TrainDataConfig:
     height: int | None = constrained(None, gt=0, help="pixel height; null: from the model")
     width: int | None = constrained(None, gt=0, help="pixel width; null: from the model")
     shuffle: bool = constrained(True, help="a new permutation of the rows every epoch")
+    shuffle_groups: int = constrained(
+        16, gt=0,
+        help="shuffle = row groups in random order, rows shuffled within windows of this many "
+             "consecutive groups: bigger is closer to a global shuffle but needs more of the "
+             "row-group cache (row_group_cache is raised to at least this); 16 groups of 64 "
+             "rows mix ~1000 rows at a time")
     seed: int = constrained(0, ge=0, help="seed of the per-epoch permutations")
     prefetch: int = constrained(
         2, ge=0, help="micro batches decoded ahead on CPU threads (0: decode on demand)")
@@ -77,7 +88,8 @@ class TrainDataConfig:
     validation_clip: str | None = constrained(
         None, help="clip_id of the fixed validation clip (MLflow samples); null: row 0")
     row_group_cache: int = constrained(
-        4, gt=0, help="Parquet row groups kept in memory per worker (random access)")
+        64, gt=0, help="Parquet row groups kept in memory per worker (LRU, also capped at "
+                       "1 GiB): at least shuffle_groups, so a shuffle window is read once")
     max_bad_fraction: float = constrained(
         0.01, ge=0, le=1,
         help="rows that cannot become a sample (undecodable video, bad masks, empty prompt) "
@@ -102,10 +114,36 @@ class DataPosition:
         return cls(epoch=int(state["epoch"]), step=int(state["step"]))
 
 
+def window_shuffle(group_rows: np.ndarray, window: int, rng: np.random.Generator
+                   ) -> np.ndarray:
+    """All rows, ordered as: row groups in a random order, then rows shuffled within each run
+    of ``window`` consecutive groups of that order.
+
+    Why: a reader caching row groups reads each group about once per epoch (a window's groups
+    fit the cache), while rows still mix across ``window`` random groups (files were written
+    in pipeline order, so neighbouring rows are alike and a group alone mixes poorly).
+    """
+    group_rows = np.asarray(group_rows, dtype=np.int64)
+    order = rng.permutation(len(group_rows))
+    starts = np.concatenate([[0], np.cumsum(group_rows)[:-1]])
+    lengths = group_rows[order]
+    ends = np.cumsum(lengths)
+    # Each group's rows, consecutive, groups in `order`.
+    rows = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(starts[order] - ends + lengths,
+                                                                 lengths)
+    for first in range(0, len(order), window):
+        lo = int(ends[first - 1]) if first else 0
+        rng.shuffle(rows[lo:int(ends[min(first + window, len(order)) - 1])])  # in place
+    return rows
+
+
 class ShardedSampler:
     """Deterministic rows for every (rank, global step): no state besides the position.
 
-    Epoch ``e`` uses ``permutation(seed, e)`` of all rows (identity without shuffle), cut into
+    Epoch ``e`` uses ``permutation(seed, e)`` of all rows (identity without shuffle): with
+    ``group_rows`` (the rows of each Parquet row group, in file order) the
+    :func:`window_shuffle` of the groups in windows of ``shuffle_groups``, without it a
+    global permutation (every read a cache miss; kept for callers without groups). Cut into
     ``steps_per_epoch = num_rows // global_batch`` global batches (the ``num_rows %
     global_batch`` rows at the end of a permutation wait for a later epoch, where the
     permutation differs). Global batch ``s`` is laid out ``[grad_accum, world_size,
@@ -115,7 +153,8 @@ class ShardedSampler:
     """
 
     def __init__(self, num_rows: int, world_size: int, rank: int, micro_batch: int,
-                 grad_accum: int, seed: int = 0, shuffle: bool = True) -> None:
+                 grad_accum: int, seed: int = 0, shuffle: bool = True,
+                 group_rows: Sequence[int] | None = None, shuffle_groups: int = 16) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if micro_batch < 1 or grad_accum < 1:
@@ -124,6 +163,13 @@ class ShardedSampler:
         self.num_rows, self.world_size, self.rank = int(num_rows), int(world_size), int(rank)
         self.micro_batch, self.grad_accum = int(micro_batch), int(grad_accum)
         self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.group_rows = None if group_rows is None else np.asarray(group_rows, np.int64)
+        if self.group_rows is not None and int(self.group_rows.sum()) != self.num_rows:
+            raise ValueError(f"group_rows add up to {int(self.group_rows.sum())} rows, not "
+                             f"{self.num_rows}")
+        if shuffle_groups < 1:
+            raise ValueError(f"shuffle_groups must be >= 1, got {shuffle_groups}")
+        self.shuffle_groups = int(shuffle_groups)
         self.global_batch = self.micro_batch * self.grad_accum * self.world_size
         if self.num_rows < self.global_batch:
             raise ValueError(f"the dataset has {self.num_rows} rows, fewer than one global "
@@ -135,8 +181,11 @@ class ShardedSampler:
     def permutation(self, epoch: int) -> np.ndarray:
         """Row order of ``epoch`` (cached for the current epoch)."""
         if self._perm is None or self._perm[0] != epoch:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows)
+            rng = np.random.default_rng([self.seed, int(epoch)])
+            if self.shuffle and self.group_rows is not None:
+                order = window_shuffle(self.group_rows, self.shuffle_groups, rng)
+            elif self.shuffle:
+                order = rng.permutation(self.num_rows)
             else:
                 order = np.arange(self.num_rows)
             self._perm = (int(epoch), order)
@@ -164,6 +213,25 @@ class ShardedSampler:
     def next_micro_batches(self, position: DataPosition) -> list[list[int]]:
         """This rank's ``grad_accum`` micro batches (row indices) of the step at ``position``."""
         return [[int(i) for i in micro] for micro in self.global_indices(position)[:, self.rank]]
+
+
+def cache_groups(cfg: TrainDataConfig) -> int:
+    """``data.row_group_cache``, raised to a whole shuffle window (``data.shuffle_groups``)
+    when shuffling: a smaller cache would read a window's groups again and again."""
+    if cfg.shuffle and cfg.row_group_cache < cfg.shuffle_groups:
+        log.warning("data.row_group_cache %d < data.shuffle_groups %d: caching %d row groups "
+                    "so a shuffle window fits", cfg.row_group_cache, cfg.shuffle_groups,
+                    cfg.shuffle_groups)
+        return cfg.shuffle_groups
+    return cfg.row_group_cache
+
+
+def build_sampler(cfg: TrainDataConfig, data: TrainingData, world_size: int, rank: int,
+                  micro_batch: int, grad_accum: int) -> ShardedSampler:
+    """The sampler of a run over ``data``'s row groups (what the loop and benchmarks use)."""
+    return ShardedSampler(data.num_rows, world_size, rank, micro_batch, grad_accum, cfg.seed,
+                          cfg.shuffle, group_rows=data.group_rows,
+                          shuffle_groups=cfg.shuffle_groups)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -209,8 +277,10 @@ class TrainingData:
         self.encoders, self.device = encoders, torch.device(device)
         version = open_version(cfg.dataset_root, cfg.version)
         self.version = version.name
-        self._rows = RowReader(version, cache_groups=cfg.row_group_cache)
+        self._rows = RowReader(version, cache_groups=cache_groups(cfg))
         self.num_rows = self._rows.num_rows
+        #: rows per row group in file order: the sampler's shuffle windows (ShardedSampler)
+        self.group_rows = self._rows.group_rows
         self.spec = self._clip_spec()
         self._pool = ThreadPoolExecutor(max_workers=cfg.decode_threads,
                                         thread_name_prefix="ttm-data")
@@ -369,4 +439,7 @@ __all__ = [
     "ShardedSampler",
     "TrainDataConfig",
     "TrainingData",
+    "build_sampler",
+    "cache_groups",
+    "window_shuffle",
 ]

@@ -32,7 +32,7 @@ from ttm_ray.training.checkpoint import (
     seed_everything,
 )
 from ttm_ray.training.config import TrainConfig
-from ttm_ray.training.data import ShardedSampler, TrainingData
+from ttm_ray.training.data import ShardedSampler, TrainingData, build_sampler
 from ttm_ray.training.deepspeed_config import deepspeed_config, warmup_factor
 from ttm_ray.training.mlflow_logging import Tracker, model_cost, preview_frames
 
@@ -78,8 +78,8 @@ def train_worker(config: dict[str, Any]) -> None:
     encoders = cfg.encoders.build(device)
     data = TrainingData(replace(cfg.data, version=job.dataset_version), cfg.model.stage,
                         cfg.model, encoders, device)
-    sampler = ShardedSampler(data.num_rows, world, rank, cfg.batch.micro_batch,
-                             cfg.batch.grad_accum, cfg.data.seed, cfg.data.shuffle)
+    sampler = build_sampler(cfg.data, data, world, rank, cfg.batch.micro_batch,
+                            cfg.batch.grad_accum)
     objective = cfg.diffusion.build()
     guidance = cfg.diffusion.guidance.build(*encoders.null_text(1))
 
