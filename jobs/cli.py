@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("jobs.config", "show or validate a job config (`config show|validate FILE`)"),
     "prep": ("jobs.build_dataset", "build a dataset with the Ray Data curation pipeline"),
     "rebuild": ("jobs.rebuild_dataset", "scheduled dataset rebuild: locked, incremental, retained"),
+    "encode": ("jobs.encode", "encode a dataset version once (VAE latents, text embeddings) "
+               "for training with data.encoded"),
     "train": ("jobs.train", "train a TTM model on Ray Train + DeepSpeed ZeRO"),
     "generate": ("jobs.generate", "two-stage image-to-video from exported models (or a "
                                   "manifest on Ray Data)"),

@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "prep": "data_prep.config:PrepConfig",
     "rebuild": "data_prep.rebuild:RebuildConfig",
     "train": "ttm_ray.training.config:TrainConfig",
+    "encode": "ttm_ray.encoding.config:EncodeConfig",
     "generate": "jobs.inference_config:GenerateConfig",
     "evaluate": "jobs.inference_config:EvaluateConfig",
 }

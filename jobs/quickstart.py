@@ -8,6 +8,9 @@ models (CLIP for the omega score and CLIPFrame, T5 and CLIP text encoders, X-CLI
 for the metrics) are built there first with the libraries' own save format, so the real
 loading code runs. Rerunning reuses what is there: prep finds nothing new, finished
 generations are skipped; training resumes its runs (already at their last step).
+After prep, `ttm-ray encode` writes the encoded-latent cache of unet_stage2_tiny's clips
+(prep/dataset-encoded/<hash>) and that run trains from it (data.encoded): no encoders on its
+workers, its MLflow run tagged ttm.encoded_version.
 
     ttm-ray quickstart                  # 12 videos + 4 broken inputs, everything
     ttm-ray quickstart --videos 40 --train dit_stage1_tiny dit_stage2_tiny --no-eval
@@ -19,12 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from jobs.common import resolve_config_path, run_job, setup_logging
 
 PREP_CONFIG = "jobs/configs/prep/quickstart.yaml"
 TRAIN_RUNS = ("dit_stage1_tiny", "dit_stage2_tiny", "unet_stage1_tiny", "unet_stage2_tiny")
+#: The run the quickstart trains from an encoded version (`ttm-ray encode`, data.encoded).
+ENCODED_RUN = "unet_stage2_tiny"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         pairs = [f for f in ("dit", "unet")
                  if {f"{f}_stage1_tiny", f"{f}_stage2_tiny"} <= set(runs)]
         scoring = not args.no_eval and args.eval_items > 0 and "dit" in pairs
-        steps = 2 + len(runs) + (1 if pairs and not args.no_eval else 0) + int(scoring)
+        steps = (2 + len(runs) + int(ENCODED_RUN in runs)
+                 + (1 if pairs and not args.no_eval else 0) + int(scoring))
         start = time.perf_counter()
         print(f"[quickstart] 1/{steps} generating {args.videos}+{args.corrupt} videos",
               file=sys.stderr)
@@ -71,11 +78,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         ])
         summary = run_prep(cfg)
         print(format_summary(summary), file=sys.stderr)
+        encoded = None
+        if ENCODED_RUN in runs:
+            print(f"[quickstart] 3/{steps} encoding the dataset for {ENCODED_RUN} "
+                  "(ttm-ray encode: the encoded-latent cache)", file=sys.stderr)
+            encoded = encode_tiny(ENCODED_RUN, root, summary["dataset_root"])
+        first = 4 if encoded else 3
         trained = {}
-        for i, name in enumerate(runs, start=3):
-            print(f"[quickstart] {i}/{steps} training {name}", file=sys.stderr)
-            trained[name] = train_tiny(name, root, summary["dataset_root"])
-        step = 3 + len(runs)
+        for i, name in enumerate(runs, start=first):
+            print(f"[quickstart] {i}/{steps} training {name}"
+                  f"{' on the encoded version' if encoded and name == ENCODED_RUN else ''}",
+                  file=sys.stderr)
+            trained[name] = train_tiny(name, root, summary["dataset_root"],
+                                       encoded["dataset_root"] if encoded and
+                                       name == ENCODED_RUN else None)
+        step = first + len(runs)
         generated, evaluation = {}, None
         if pairs and not args.no_eval:
             print(f"[quickstart] {step}/{steps} two-stage generation ({', '.join(pairs)})",
@@ -104,6 +121,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return {"corpus": str(root / "corpus"), "dataset_version": summary["dataset_version"],
                 "dataset": summary["version_path"], "kept": summary["kept"],
                 "rejected": summary["rejected"], "mlflow_run_id": summary.get("mlflow_run_id"),
+                "encoded": None if encoded is None else {
+                    k: encoded[k] for k in ("dataset_root", "encoded_version", "encoded",
+                                            "reused", "rejected")},
                 "train": {name: {"export": r.get("export"), "mlflow_run_id": r["mlflow_run_id"],
                                  "final_loss": r.get("metrics", {}).get("loss")}
                           for name, r in trained.items()},
@@ -114,24 +134,47 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return run_job(job, "quickstart")
 
 
-def train_tiny(name: str, root: Path, dataset_root: str) -> dict:
-    """Run ``jobs/configs/train/<name>.yaml`` on the quickstart's dataset and tiny encoders."""
+def _tiny_text_encoders(root: Path) -> dict[str, Path]:
     from ttm_ray.conditioning.tiny import build_tiny_clip_text, build_tiny_t5
-    from ttm_ray.config import load_config
-    from ttm_ray.training.config import TrainConfig
-    from ttm_ray.training.trainer import train
 
     models = root / "models"
-    text = {"t5": build_tiny_t5(models / "tiny-t5"),
+    return {"t5": build_tiny_t5(models / "tiny-t5"),
             "clip": build_tiny_clip_text(models / "tiny-clip-text")}
+
+
+def encode_tiny(name: str, root: Path, dataset_root: str) -> dict:
+    """``ttm-ray encode`` for train run ``name``'s clips: the train config's model, data and
+    encoders sections (EncodeConfig.from_train), so its preflight accepts the result."""
+    from ttm_ray.encoding.config import EncodeConfig
+    from ttm_ray.encoding.job import run_encode
+
+    cfg = _tiny_train_config(name, root, dataset_root, None)
+    run = replace(cfg.run, name=f"encode-{cfg.run.name}")
+    return run_encode(EncodeConfig.from_train(cfg, run=run), progress=False)
+
+
+def _tiny_train_config(name: str, root: Path, dataset_root: str, encoded: str | None) -> object:
+    from ttm_ray.config import load_config
+    from ttm_ray.training.config import TrainConfig
+
+    text = _tiny_text_encoders(root)
     path = resolve_config_path(f"jobs/configs/train/{name}.yaml")
     # Loaded twice: the first tells which text encoder the run's family uses.
     kind = load_config(TrainConfig, path).encoders.text_encoder.kind
-    cfg = load_config(TrainConfig, path, [
+    return load_config(TrainConfig, path, [
         f"run.root={root}", f"data.dataset_root={dataset_root}",
         f"encoders.text_encoder.path={text[kind]}",
-        f"run.mlflow_tracking_uri=sqlite:///{(root / 'mlflow.db').resolve()}"])
-    return train(cfg)
+        f"run.mlflow_tracking_uri=sqlite:///{(root / 'mlflow.db').resolve()}",
+        *([f"data.encoded={encoded}"] if encoded else [])])
+
+
+def train_tiny(name: str, root: Path, dataset_root: str, encoded: str | None = None) -> dict:
+    """Run ``jobs/configs/train/<name>.yaml`` on the quickstart's dataset and tiny encoders;
+    ``encoded``: read that encoded version instead of encoding on the fly (``data.encoded``;
+    the run's MLflow run is tagged ``ttm.encoded_version``)."""
+    from ttm_ray.training.trainer import train
+
+    return train(_tiny_train_config(name, root, dataset_root, encoded))
 
 
 def _generate_config(kind: str, root: Path, trained: dict, family: str, overrides: list[str]

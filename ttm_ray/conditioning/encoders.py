@@ -94,21 +94,45 @@ class Encoders:
         index) and ``token_ids [B, t, h, w]`` on the model's token grid. ``names`` name the
         items in text-encoder errors (e.g. an empty caption).
         """
-        visual = build_visual(stage, first_frame_latent.float(), trajectory_latent.float(),
-                              num_frames)
         emb, mask = self.text.encode(list(prompts), names=names)
-        cond = ModelConditioning(visual=visual, text=emb.float(), text_mask=mask.bool())
-        if stage == 1:
-            return cond
-        if local_prompts is None or local_ids is None or token_ids is None:
-            raise ValueError("stage 2 needs local_prompts, local_ids and token_ids")
-        local = local or LocalTextConfig()
-        text, ids = self.text.encode_local(local_prompts, local_ids,
-                                           max_tokens_per_object=local.tokens_per_object,
-                                           num_tokens=local.tokens)
-        return cond.replace(local_text=text.float(), local_text_ids=ids.long(),
-                            token_ids=token_ids.to(visual.device).long())
+        local_text = None
+        if stage == 2:
+            if local_prompts is None or local_ids is None or token_ids is None:
+                raise ValueError("stage 2 needs local_prompts, local_ids and token_ids")
+            local = local or LocalTextConfig()
+            local_text = self.text.encode_local(local_prompts, local_ids,
+                                                max_tokens_per_object=local.tokens_per_object,
+                                                num_tokens=local.tokens)
+        return assemble_conditions(stage, num_frames, first_frame_latent, trajectory_latent,
+                                   (emb, mask), local_text, token_ids)
 
 
-__all__ = ["Encoders", "EncodersConfig", "LocalTextConfig", "from_model_video",
-           "to_model_video"]
+def assemble_conditions(stage: int, num_frames: int, first_frame_latent: torch.Tensor,
+                        trajectory_latent: torch.Tensor,
+                        text: tuple[torch.Tensor, torch.Tensor],
+                        local_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        token_ids: torch.Tensor | None = None) -> ModelConditioning:
+    """Encoder outputs -> :class:`ModelConditioning` (float32, masks bool, ids long).
+
+    The one place the conditioning is put together: :meth:`Encoders.conditions` calls it with
+    fresh encoder outputs, training on an encoded-latent cache with stored ones, so both give
+    the model the same tensors. ``text``: ``(emb [B, L, D], mask [B, L])``; stage 2 also takes
+    ``local_text = (local [B, M, D], ids [B, M])`` and ``token_ids [B, t, h, w]``.
+    """
+    visual = build_visual(stage, first_frame_latent.float(), trajectory_latent.float(),
+                          num_frames)
+    emb, mask = text
+    cond = ModelConditioning(visual=visual, text=emb.float().to(visual.device),
+                             text_mask=mask.bool().to(visual.device))
+    if stage == 1:
+        return cond
+    if local_text is None or token_ids is None:
+        raise ValueError("stage 2 needs local_prompts, local_ids and token_ids")
+    local, ids = local_text
+    return cond.replace(local_text=local.float().to(visual.device),
+                        local_text_ids=ids.long().to(visual.device),
+                        token_ids=token_ids.to(visual.device).long())
+
+
+__all__ = ["Encoders", "EncodersConfig", "LocalTextConfig", "assemble_conditions",
+           "from_model_video", "to_model_video"]

@@ -199,7 +199,6 @@ class TextEncoder(nn.Module):
         embeddings. M is the longest sample's token count (at least 1), or ``num_tokens``
         for a fixed shape. A sample with no prompts is all -1.
         """
-        limit = min(max_tokens_per_object or self.max_length, self.max_length)
         if object_ids is None:
             object_ids = [list(range(len(p))) for p in per_sample_prompts]
         if len(object_ids) != len(per_sample_prompts):
@@ -210,31 +209,57 @@ class TextEncoder(nn.Module):
             if len(prompts) != len(ids):
                 raise ValueError(f"sample {b}: {len(prompts)} local prompts but "
                                  f"{len(ids)} object ids")
-            if any(int(i) < 0 for i in ids) or len(set(ids)) != len(ids):
-                raise ValueError(f"sample {b}: object ids must be distinct and >= 0, got "
-                                 f"{list(ids)}")
             flat += list(prompts)
             names += [f"sample {b} object {i}" for i in ids]
-            owners += [(b, int(i)) for i in ids]
-        batch = len(per_sample_prompts)
-        pieces: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(batch)]
-        if flat:
-            emb, mask = self._embed(self._check(flat, names), limit)
-            for (b, oid), e, m in zip(owners, emb, mask, strict=True):
-                pieces[b].append((e[m], oid))
-        counts = [sum(len(e) for e, _ in p) for p in pieces]
-        width = max([*counts, 1]) if num_tokens is None else num_tokens
-        if max(counts, default=0) > width:
-            raise ValueError(f"local prompts need {max(counts)} tokens, num_tokens is {width}")
-        local = torch.zeros(batch, width, self.dim, device=self.device, dtype=self.dtype)
-        local_ids = torch.full((batch, width), -1, device=self.device, dtype=torch.long)
-        for b, sample in enumerate(pieces):
-            start = 0
-            for e, oid in sample:
-                local[b, start:start + len(e)] = e
-                local_ids[b, start:start + len(e)] = oid
-                start += len(e)
-        return local, local_ids
+            owners.append(len(prompts))
+        tokens = self.encode_objects(flat, names, max_tokens_per_object)
+        pieces, start = [], 0
+        for ids, n in zip(object_ids, owners, strict=True):
+            pieces.append(list(zip(tokens[start:start + n], ids, strict=True)))
+            start += n
+        return pack_local(pieces, self.dim, num_tokens, self.device, self.dtype)
+
+    def encode_objects(self, prompts: Sequence[str], names: Sequence[str] | None = None,
+                       max_tokens_per_object: int | None = None) -> list[torch.Tensor]:
+        """Each object prompt's real-token embeddings ``[n_i, D]`` (at most
+        ``max_tokens_per_object`` tokens, default ``max_length``), encoded on its own.
+
+        The per-object half of :meth:`encode_local`; the encoded-latent cache stores exactly
+        these and packs them at train time with :func:`pack_local`, so both paths agree.
+        """
+        limit = min(max_tokens_per_object or self.max_length, self.max_length)
+        names = names or [f"object[{i}]" for i in range(len(prompts))]
+        if not prompts:
+            return []
+        emb, mask = self._embed(self._check(list(prompts), list(names)), limit)
+        return [e[m] for e, m in zip(emb, mask, strict=True)]
+
+
+def pack_local(pieces: Sequence[Sequence[tuple[torch.Tensor, int]]], dim: int,
+               num_tokens: int | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, ``(tokens [n, D], object id)`` pieces -> ``(local_text [B, M, D],
+    local_text_ids [B, M] long)``: real tokens concatenated in order, tagged with their
+    object's id, padded with zeros / -1 to M (the longest sample, at least 1, or
+    ``num_tokens``). Shared by on-the-fly encoding and the encoded-latent cache."""
+    for b, sample in enumerate(pieces):
+        ids = [int(i) for _, i in sample]
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"sample {b}: object ids must be distinct and >= 0, got {ids}")
+    counts = [sum(len(e) for e, _ in p) for p in pieces]
+    width = max([*counts, 1]) if num_tokens is None else num_tokens
+    if max(counts, default=0) > width:
+        raise ValueError(f"local prompts need {max(counts)} tokens, num_tokens is {width}")
+    batch = len(pieces)
+    local = torch.zeros(batch, width, dim, device=device, dtype=dtype)
+    local_ids = torch.full((batch, width), -1, device=device, dtype=torch.long)
+    for b, sample in enumerate(pieces):
+        start = 0
+        for e, oid in sample:
+            local[b, start:start + len(e)] = e.to(device=device, dtype=dtype)
+            local_ids[b, start:start + len(e)] = int(oid)
+            start += len(e)
+    return local, local_ids
 
 
 def _is_tokenizer_dir(d: Path) -> bool:
@@ -285,4 +310,4 @@ def load_text_encoder(kind: str, path: str | Path | None, tokenizer_path: str | 
     return model, tokenizer
 
 
-__all__ = ["TextEncoder", "TextEncoderConfig", "load_text_encoder"]
+__all__ = ["TextEncoder", "TextEncoderConfig", "load_text_encoder", "pack_local"]

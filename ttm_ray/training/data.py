@@ -95,6 +95,14 @@ class TrainDataConfig:
         help="rows that cannot become a sample (undecodable video, bad masks, empty prompt) "
              "are skipped, replaced by the next good row and counted; more than this fraction "
              "of the dataset's rows stops the run with the list (<run>/bad_rows.json)")
+    encoded: str | None = constrained(
+        None, help="root of an encoded version written by `ttm-ray encode` (the stored "
+                   "autoencoder latents and text embeddings of dataset_root's clips); set: "
+                   "training reads it and never builds the frozen encoders (preflight checks "
+                   "that its encoders: and clip geometry are this run's); null: encode on "
+                   "the fly")
+    encoded_version: str = constrained(
+        "latest", nonempty=True, help="version of data.encoded (latest: resolved once per run)")
 
 
 # ----------------------------------------------------------------------------- position
@@ -240,6 +248,53 @@ def build_sampler(cfg: TrainDataConfig, data: TrainingData, world_size: int, ran
 MAX_REPLACEMENT_TRIES = 64
 
 
+def clip_spec(stage: int, model_cfg: ModelConfig, cfg: TrainDataConfig, ae: Any,
+              allow_empty_prompt: bool = False) -> ClipSpec:
+    """The :class:`ClipSpec` of ``stage`` for ``model_cfg`` through autoencoder ``ae``: pixel
+    size from the model's latent grid unless ``cfg.frames/height/width`` say otherwise,
+    checked both ways. Shared by training and the encoded-latent cache (``ttm-ray encode``)
+    so both prepare the same pixels."""
+    m = model_cfg
+    if ae.latent_channels != m.latent_channels:
+        raise ValueError(f"the autoencoder gives {ae.latent_channels} latent channels but "
+                         f"model.latent_channels is {m.latent_channels}")
+    _, frames, height, width = ae.pixel_shape(m.num_frames, m.height, m.width)
+    frames = cfg.frames or frames
+    height, width = cfg.height or height, cfg.width or width
+    latent = ae.latent_shape(frames, height, width)
+    want = (m.latent_channels, m.num_frames, m.height, m.width)
+    if latent != want:
+        raise ValueError(f"data {frames}x{height}x{width} (frames x height x width) encodes "
+                         f"to a latent {list(latent)}, the model takes {list(want)} "
+                         "[C, T, H, W]: fix data.frames/height/width or the model's grid")
+    grid = token_grid(m)
+    return ClipSpec(stage=stage, frames=frames, height=height, width=width,
+                    time_factor=ae.factors[0], causal=ae.causal,
+                    token_grid=grid if stage == 2 else None,
+                    mask_rule=cfg.mask_rule, mask_threshold=cfg.mask_threshold,
+                    allow_empty_prompt=allow_empty_prompt)
+
+
+def encoded_geometry(model_cfg: ModelConfig, cfg: TrainDataConfig,
+                     pixel_shape: Sequence[int], stage: int | None = None) -> dict[str, Any]:
+    """What an encoded version's rows depend on besides the encoders: the pixel clip, the
+    latent and token grids, the mask rule and the local-token cap. ``stage=1`` leaves out
+    what only stage 2 reads (token grid, mask rule, local tokens): a stage-1 run can read a
+    version encoded for either family."""
+    m = model_cfg
+    geo: dict[str, Any] = {
+        "pixel_shape": [int(v) for v in pixel_shape],
+        "latent_shape": [m.latent_channels, m.num_frames, m.height, m.width],
+        "token_grid": list(token_grid(m)), "mask_rule": cfg.mask_rule,
+        "mask_threshold": float(cfg.mask_threshold),
+        "local_tokens_per_object": cfg.local_tokens_per_object,
+    }
+    if stage == 1:
+        for key in ("token_grid", "mask_rule", "mask_threshold", "local_tokens_per_object"):
+            geo.pop(key)
+    return geo
+
+
 class BadRowsError(RuntimeError):
     """Too many rows of the dataset cannot become samples; lists them."""
 
@@ -294,25 +349,8 @@ class TrainingData:
     # ------------------------------------------------------------------ shapes
     def _clip_spec(self) -> ClipSpec:
         """Pixel size from the model's latent grid (or the config), checked both ways."""
-        ae, m = self.encoders.autoencoder, self.model_cfg
-        if ae.latent_channels != m.latent_channels:
-            raise ValueError(f"the autoencoder gives {ae.latent_channels} latent channels but "
-                             f"model.latent_channels is {m.latent_channels}")
-        _, frames, height, width = ae.pixel_shape(m.num_frames, m.height, m.width)
-        frames = self.cfg.frames or frames
-        height, width = self.cfg.height or height, self.cfg.width or width
-        latent = ae.latent_shape(frames, height, width)
-        want = (m.latent_channels, m.num_frames, m.height, m.width)
-        if latent != want:
-            raise ValueError(f"data {frames}x{height}x{width} (frames x height x width) encodes "
-                             f"to a latent {list(latent)}, the model takes {list(want)} "
-                             "[C, T, H, W]: fix data.frames/height/width or the model's grid")
-        grid = token_grid(m)
-        return ClipSpec(stage=self.stage, frames=frames, height=height, width=width,
-                        time_factor=ae.factors[0], causal=ae.causal,
-                        token_grid=grid if self.stage == 2 else None,
-                        mask_rule=self.cfg.mask_rule, mask_threshold=self.cfg.mask_threshold,
-                        allow_empty_prompt=self.encoders.text.empty_prompt == "null")
+        return clip_spec(self.stage, self.model_cfg, self.cfg, self.encoders.autoencoder,
+                         allow_empty_prompt=self.encoders.text.empty_prompt == "null")
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
@@ -441,5 +479,7 @@ __all__ = [
     "TrainingData",
     "build_sampler",
     "cache_groups",
+    "clip_spec",
+    "encoded_geometry",
     "window_shuffle",
 ]

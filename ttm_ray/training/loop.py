@@ -34,6 +34,7 @@ from ttm_ray.training.checkpoint import (
 from ttm_ray.training.config import TrainConfig
 from ttm_ray.training.data import ShardedSampler, TrainingData, build_sampler
 from ttm_ray.training.deepspeed_config import deepspeed_config, warmup_factor
+from ttm_ray.training.encoded_data import EncodedTrainingData
 from ttm_ray.training.mlflow_logging import Tracker, model_cost, preview_frames
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,23 @@ def train_worker(config: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_factor(cfg.optim.warmup_steps)))
 
-    # Data and the frozen encoders, on this worker's device.
-    encoders = cfg.encoders.build(device)
-    data = TrainingData(replace(cfg.data, version=job.dataset_version), cfg.model.stage,
-                        cfg.model, encoders, device)
+    # Data and the frozen encoders, on this worker's device. With data.encoded the encoder
+    # outputs are read from the encoded version (job.dataset_version names it) and the
+    # encoders are never built: the null prompt for dropout comes with the version.
+    if cfg.data.encoded:
+        encoders = None
+        data = EncodedTrainingData(replace(cfg.data, encoded_version=job.dataset_version),
+                                   cfg.model.stage, cfg.model, device)
+        null_text = data.null_text(1)
+    else:
+        encoders = cfg.encoders.build(device)
+        data = TrainingData(replace(cfg.data, version=job.dataset_version), cfg.model.stage,
+                            cfg.model, encoders, device)
+        null_text = encoders.null_text(1)
     sampler = build_sampler(cfg.data, data, world, rank, cfg.batch.micro_batch,
                             cfg.batch.grad_accum)
     objective = cfg.diffusion.build()
-    guidance = cfg.diffusion.guidance.build(*encoders.null_text(1))
+    guidance = cfg.diffusion.guidance.build(*null_text)
 
     # Fresh start or resume (a restart after a failure, or a resubmitted run name).
     state = TrainState.fresh(cfg.run.seed, rank)
@@ -256,6 +266,10 @@ def preview(engine: Any, model_fn: ModelFn, cfg: TrainConfig, data: TrainingData
                                 guidance=guidance)
     engine.train()
     if engine.global_rank == 0:
-        decode = encoders.autoencoder.decode
+        # An encoded run holds no encoders: rank 0 builds the autoencoder for the preview
+        # only (the text encoder is never needed).
+        ae = encoders.autoencoder if encoders is not None \
+            else cfg.encoders.autoencoder.build(x.device)
+        decode = ae.decode
         frames = preview_frames(decode(x[:1].float())[0], decode(latent[:1].float())[0])
         tracker.log_video(step, frames)

@@ -32,9 +32,12 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 # ---------------------------------------------------------------------------- driver side
-def resolve_run(cfg: TrainConfig, run_storage: str, dataset_version: str) -> str:
+def resolve_run(cfg: TrainConfig, run_storage: str, dataset_version: str,
+                encoded: str | None = None) -> str:
     """The MLflow run id of this training run: the one recorded in storage, else a new run
-    tagged with the dataset and code versions (recorded for the next submission)."""
+    tagged with the dataset and code versions (recorded for the next submission); a run on
+    an encoded version (``data.encoded``) is tagged ``ttm.encoded_version`` =
+    ``<encoded root>@<version>`` too."""
     import pyarrow.fs as pafs
     from mlflow.tracking import MlflowClient
 
@@ -50,6 +53,8 @@ def resolve_run(cfg: TrainConfig, run_storage: str, dataset_version: str) -> str
     tags = {"ttm.kind": "train", "ttm.dataset_version": dataset_version,
             "ttm.code_version": code_version(), "ttm.model": f"{cfg.model.size} stage "
             f"{cfg.model.stage}"}
+    if encoded:
+        tags["ttm.encoded_version"] = encoded
     run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(path) as f:

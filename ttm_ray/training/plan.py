@@ -33,12 +33,15 @@ DeepSpeed runs it):
   and the log-sum-exp, never an ``N x M`` matrix or mask). Activation checkpointing is
   measured as configured.
 * frozen encoders: their weights in their dtype (counted from their config files on the meta
-  device; reported as unknown when the folder is not on this machine).
+  device; reported as unknown when the folder is not on this machine); none with
+  ``data.encoded`` (the encoded-latent cache: they never run on the training GPUs).
 * a fixed reserve for the CUDA context, NCCL and allocator fragmentation.
 
 Time: training FLOPs per sample from :mod:`ttm_ray.models.flops` (3x forward, 4x with
-activation checkpointing) x samples per GPU per step, at ``mfu`` of ``peak_tflops``; the frozen
-encoders' forward passes are not counted. Gradient communication per GPU per step (ring
+activation checkpointing) plus the frozen encoders' forward FLOPs (:func:`encoder_flops`,
+counted on the meta device from their folders or the paper's reference architectures; zero
+with ``data.encoded``) x samples per GPU per step, at ``mfu`` of ``peak_tflops``. Gradient
+communication per GPU per step (ring
 collectives move ``(N-1)/N`` of the buffer): ZeRO-2 reduce-scatters bf16 gradients every
 micro batch and all-gathers the updated bf16 parameters once; ZeRO-3 all-gathers parameters
 for the forward and again for the backward of every micro batch and reduce-scatters the
@@ -332,6 +335,123 @@ def text_encoder_bytes(cfg: TextEncoderConfig) -> int | None:
     return _param_bytes(model.to(getattr(torch, cfg.dtype)))
 
 
+#: The paper's encoders' architectures, for FLOP counts when their folders are not on this
+#: machine (the planner's laptop): T5-v1.1-XXL's encoder, CLIP ViT-L/14's text tower, the SD1.5
+#: VAE; diffusers' ``AutoencoderKLCosmos`` defaults are the Cosmos CV8x8x8 tokenizer.
+REFERENCE_TEXT = {
+    "t5": ("T5EncoderModel", "T5Config", dict(
+        d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+        feed_forward_proj="gated-gelu")),
+    "clip": ("CLIPTextModel", "CLIPTextConfig", dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408)),
+}
+REFERENCE_VAE = {"AutoencoderKL": dict(
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)}
+#: Objects per clip assumed for stage 2's local prompts (each encoded on its own).
+ASSUMED_OBJECTS = 2
+
+
+@dataclass(frozen=True)
+class EncoderFlops:
+    """Forward FLOPs of the frozen encoders per training sample, as on-the-fly training runs
+    them (``TrainingData.encode``): the first frames of video and trajectory, the target video
+    (stage 1: the trajectory; stage 2: video and trajectory), the global prompt and (stage 2)
+    each object's local prompt. ``source`` says where the architectures came from."""
+
+    autoencoder: int
+    text: int
+    source: str
+
+    @property
+    def total(self) -> int:
+        return self.autoencoder + self.text
+
+
+def _meta_autoencoder(cfg: AutoencoderConfig) -> tuple[torch.nn.Module, str]:
+    import diffusers
+
+    name = "AutoencoderKL" if cfg.kind == "image_vae" else cfg.class_name
+    cls = getattr(diffusers, name)
+    folder = model_folder(cfg.path, ("vae",)) if cfg.path else None
+    config = cls.load_config(folder) if folder is not None else REFERENCE_VAE.get(name, {})
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    # .to: buffers some VAEs build from literals (Cosmos' wavelets) ignore the device context
+    return model.to("meta"), "folder" if folder is not None else "reference"
+
+
+def _meta_text_encoder(cfg: TextEncoderConfig) -> tuple[torch.nn.Module, str]:
+    import transformers
+
+    from ttm_ray.conditioning.text_encoders import _MODEL_CLASSES
+
+    folder = model_folder(cfg.path, ("text_encoder",)) if cfg.path else None
+    if folder is not None:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        name, source = _MODEL_CLASSES[cfg.kind][config.model_type], "folder"
+    else:
+        name, config_name, kwargs = REFERENCE_TEXT[cfg.kind]
+        config, source = getattr(transformers, config_name)(**kwargs), "reference"
+    with torch.device("meta"):
+        model = getattr(transformers, name)(config)
+    return model, source
+
+
+def _pixel_shape(cfg: TrainConfig, model: torch.nn.Module | None, source: str
+                 ) -> tuple[int, int, int]:
+    """The training clip's pixels: from the autoencoder's folder (preflight's geometry), or
+    from the reference architecture's compression when the folder is not here."""
+    from ttm_ray.conditioning.autoencoders import AutoencoderGeometry, geometry
+    from ttm_ray.training.preflight import needed_clip
+
+    geo = geometry(cfg.encoders.autoencoder)
+    if model is not None and source == "reference":
+        c = model.config
+        if cfg.encoders.autoencoder.kind == "image_vae":
+            spatial, temporal, causal = 2 ** (len(c.block_out_channels) - 1), 1, False
+        else:
+            spatial, temporal = c.spatial_compression_ratio, c.temporal_compression_ratio
+            causal = True
+        geo = AutoencoderGeometry(temporal, spatial, causal, c.latent_channels, "reference")
+    return needed_clip(cfg, geo)
+
+
+def encoder_flops(cfg: TrainConfig) -> EncoderFlops:
+    """:class:`EncoderFlops` of ``cfg``'s training clips, counted by ``FlopCounterMode`` on
+    the meta device (nothing allocated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage, enc = cfg.model.stage, cfg.encoders
+    videos = 1 if stage == 1 else 2
+    sources = []
+    ae_flops = 0
+    if enc.autoencoder.kind != "pixel":  # pixel unshuffle: no arithmetic
+        model, src = _meta_autoencoder(enc.autoencoder)
+        frames, height, width = _pixel_shape(cfg, model, src)
+        sources.append(f"autoencoder {src} ({frames}x{height}x{width} px)")
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            if enc.autoencoder.kind == "image_vae":  # frame by frame
+                model.encode(torch.empty(videos * frames + 2, 3, height, width, device="meta"))
+            else:
+                model.encode(torch.empty(videos, 3, frames, height, width, device="meta"))
+                model.encode(torch.empty(2, 3, 1, height, width, device="meta"))
+        ae_flops = counter.get_total_flops()
+    model, src = _meta_text_encoder(enc.text_encoder)
+    sources.append(f"text encoder {src}")
+    length = enc.text_encoder.max_length
+    local = min(cfg.data.local_tokens_per_object or length, length)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=torch.zeros(1, length, dtype=torch.long, device="meta"))
+        if stage == 2:
+            model(input_ids=torch.zeros(ASSUMED_OBJECTS, local, dtype=torch.long,
+                                        device="meta"))
+    return EncoderFlops(ae_flops, counter.get_total_flops(), ", ".join(sources))
+
+
 # ----------------------------------------------------------------------------- the plan
 @dataclass
 class MemoryPlan:
@@ -392,11 +512,16 @@ class TrainPlan:
     memory: dict[int, MemoryPlan]
     comm: dict[int, CommPlan]
     notes: list[str] = field(default_factory=list)
+    #: the frozen encoders' forward FLOPs per sample on the training GPUs (0 with
+    #: data.encoded; None when not countable)
+    encoder_flops_per_sample: int | None = None
 
     @property
     def compute_seconds(self) -> float:
-        """Compute time of one step on one GPU at the assumed MFU."""
-        flops = self.flops_per_sample * self.micro_batch * self.grad_accum
+        """Compute time of one step on one GPU at the assumed MFU (the denoiser's training
+        FLOPs plus the frozen encoders' forward passes when they run on the GPU)."""
+        flops = ((self.flops_per_sample + (self.encoder_flops_per_sample or 0))
+                 * self.micro_batch * self.grad_accum)
         return flops / (self.hardware.peak_tflops * 1e12 * self.hardware.mfu)
 
     def step_seconds(self, zero_stage: int) -> float:
@@ -461,6 +586,12 @@ class TrainPlan:
             f"  compute: {self.flops_per_sample / 1e12:.2f} TFLOP per training sample; "
             f"{self.compute_seconds:.3f} s per step at {hw.mfu:.0%} MFU of "
             f"{hw.peak_tflops:g} TFLOPS",
+            "  frozen encoders: " + (
+                "not countable here" if self.encoder_flops_per_sample is None
+                else "none on the training GPUs (data.encoded)"
+                if self.encoder_flops_per_sample == 0
+                else f"{self.encoder_flops_per_sample / 1e12:.3f} TFLOP forward per sample "
+                     "(in the step time; data.encoded removes them)"),
         ]
         for stage in ZERO_STAGES:
             c = self.comm[stage]
@@ -484,6 +615,8 @@ class TrainPlan:
             "memory_gib": {f"zero{s}": round(m.total / GIB, 3) for s, m in self.memory.items()},
             "activations_gib": None if self.memory[2].activations is None
             else round(self.memory[2].activations / GIB, 3),
+            "encoder_tflops_per_sample": None if self.encoder_flops_per_sample is None
+            else round(self.encoder_flops_per_sample / 1e12, 4),
             "step_seconds": {f"zero{s}": round(self.step_seconds(s), 4) for s in ZERO_STAGES},
             "hours": {f"zero{s}": round(self.step_seconds(s) * self.max_steps / 3600, 2)
                       for s in ZERO_STAGES},
@@ -526,15 +659,29 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
                                                local_tokens=local_tokens, bf16=bf16)
     else:
         notes.append("activations not measured (--skip-activations): totals are a lower bound")
-    ae, te = autoencoder_bytes(cfg.encoders.autoencoder), text_encoder_bytes(
-        cfg.encoders.text_encoder)
-    encoders = None if ae is None and te is None else (ae or 0) + (te or 0)
-    for what, value, path in (("autoencoder", ae, cfg.encoders.autoencoder.path),
-                              ("text encoder", te, cfg.encoders.text_encoder.path)):
-        if value is None:
-            notes.append(f"{what} weights not counted: no model folder at {path}")
-    notes.append("compute counts the denoiser only; the frozen encoders' forward passes on "
-                 "the training GPUs come on top")
+    enc_flops: int | None
+    if cfg.data.encoded:
+        # The encoder outputs are read from the encoded version: no encoder weights resident,
+        # no encoder forward passes on the training GPUs.
+        encoders, enc_flops = 0, 0
+        notes.append(f"data.encoded: the frozen encoders never run on the training GPUs "
+                     f"({cfg.data.encoded})")
+    else:
+        ae, te = autoencoder_bytes(cfg.encoders.autoencoder), text_encoder_bytes(
+            cfg.encoders.text_encoder)
+        encoders = None if ae is None and te is None else (ae or 0) + (te or 0)
+        for what, value, path in (("autoencoder", ae, cfg.encoders.autoencoder.path),
+                                  ("text encoder", te, cfg.encoders.text_encoder.path)):
+            if value is None:
+                notes.append(f"{what} weights not counted: no model folder at {path}")
+        try:
+            counted = encoder_flops(cfg)
+            enc_flops = counted.total
+            if "reference" in counted.source:
+                notes.append(f"encoder FLOPs from reference architectures ({counted.source})")
+        except Exception as exc:  # an architecture the meta device cannot run
+            enc_flops = None
+            notes.append(f"encoder FLOPs not counted: {type(exc).__name__}: {exc}")
 
     nodes = math.ceil(world / hw.gpus_per_node)
     scope = "none" if world == 1 else "inter-node" if nodes > 1 else "intra-node"
@@ -563,7 +710,7 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
         flops_per_sample=report.training_per_sample(cfg.model.activation_checkpointing),
         activation_checkpointing=cfg.model.activation_checkpointing,
         configured_stage=cfg.deepspeed.zero_stage, overlap_comm=cfg.deepspeed.overlap_comm,
-        memory=memory, comm=comm, notes=notes)
+        memory=memory, comm=comm, notes=notes, encoder_flops_per_sample=enc_flops)
 
 
 __all__ = [
@@ -574,6 +721,7 @@ __all__ = [
     "TrainPlan",
     "comm_buffer_bytes",
     "deepspeed_estimate",
+    "encoder_flops",
     "gradient_comm_bytes",
     "largest_layer_params",
     "measure_activation_bytes",

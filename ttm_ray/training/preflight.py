@@ -9,6 +9,8 @@ them all), each line naming the config key and the fix:
 * the dataset version exists, and its clips have the frame count and resolution the model's
   latent grid needs through the configured autoencoder (read from the version's lineage, or
   its rows for versions published before the lineage carried the clip settings);
+* with ``data.encoded``: the encoded version exists and was written with this run's
+  ``encoders:`` section and clip geometry (each differing key named);
 * a resume is consistent with the checkpointed run.
 
 Whether the cluster can hold the workers is checked when the job connects to it
@@ -52,9 +54,13 @@ def missing_paths(cfg: TrainConfig) -> list[str]:
     store as every node (cluster/README.md). URIs are left to the loader.
     """
     enc, model = cfg.encoders, cfg.model
-    problems = [weights_problem("encoders.text_encoder.path", enc.text_encoder.path,
-                                f"a {enc.text_encoder.kind} text encoder", ("text_encoder",))]
-    if enc.autoencoder.kind != "pixel":
+    problems = []
+    # An encoded run never builds the text encoder, and the autoencoder only for previews.
+    if not cfg.data.encoded:
+        problems.append(weights_problem("encoders.text_encoder.path", enc.text_encoder.path,
+                                        f"a {enc.text_encoder.kind} text encoder",
+                                        ("text_encoder",)))
+    if enc.autoencoder.kind != "pixel" and (not cfg.data.encoded or cfg.logging.sample_every):
         what = ("an AutoencoderKL" if enc.autoencoder.kind == "image_vae"
                 else f"an {enc.autoencoder.class_name}")
         problems.append(weights_problem("encoders.autoencoder.path", enc.autoencoder.path,
@@ -122,6 +128,31 @@ def dataset_problems(cfg: TrainConfig, version: DatasetVersion,
     return problems
 
 
+def encoded_problems(cfg: TrainConfig, version: DatasetVersion,
+                     geo: AutoencoderGeometry) -> list[str]:
+    """An encoded version (``data.encoded``) against the run: written by ``ttm-ray encode``,
+    with this run's ``encoders:`` section (every differing key named) and the clip geometry
+    this model needs (pixel clip, latent grid; stage 2 also the token grid, mask rule and
+    local-token cap)."""
+    from ttm_ray.config import to_dict
+    from ttm_ray.dataset.encoded import differing_keys
+    from ttm_ray.training.data import encoded_geometry
+
+    lineage = version.manifest.get("lineage", {})
+    if lineage.get("kind") != "encoded":
+        return [f"data.encoded: {version.path} is not an encoded version (write one with "
+                "`ttm-ray encode`)"]
+    fix = ("re-encode with this run's sections (`ttm-ray encode`) or point data.encoded at a "
+           "matching encoded root")
+    problems = [f"{d}: {fix}" for d in differing_keys(to_dict(cfg.encoders),
+                                                      lineage.get("encoders", {}), "encoders")]
+    want = encoded_geometry(cfg.model, cfg.data, needed_clip(cfg, geo), cfg.model.stage)
+    have = {k: lineage.get("geometry", {}).get(k) for k in want}
+    problems += [f"data.encoded geometry {d}: {fix}"
+                 for d in differing_keys(want, have, "geometry")]
+    return problems
+
+
 def init_from_problems(cfg: TrainConfig) -> list[str]:
     """``model.init_from`` (a file, or an export folder with model.safetensors) is there and
     its tensors fit the model's parameters (safetensors header only)."""
@@ -142,20 +173,25 @@ def preflight(cfg: TrainConfig, errors: list[str] | None = None) -> Preflight:
     except (ValueError, OSError) as exc:
         errors.append(f"encoders.autoencoder: {exc}")
     version: DatasetVersion | None = None
+    root, name_key = ((cfg.data.encoded, "data.encoded_version") if cfg.data.encoded
+                      else (cfg.data.dataset_root, "data.version"))
     try:
-        version = open_version(cfg.data.dataset_root, cfg.data.version)
+        version = open_version(root, cfg.data.encoded_version if cfg.data.encoded
+                               else cfg.data.version)
     except DatasetVersionError as exc:
-        errors.append(f"data.version: {exc}")
+        errors.append(f"{name_key}: {exc}")
     except OSError as exc:  # an object store that cannot be reached or read
-        errors.append(f"data.dataset_root: cannot read {cfg.data.dataset_root}: {exc}")
+        key = "data.encoded" if cfg.data.encoded else "data.dataset_root"
+        errors.append(f"{key}: cannot read {root}: {exc}")
     if version is not None and geo is not None:
-        errors += dataset_problems(cfg, version, geo)
+        errors += (encoded_problems(cfg, version, geo) if cfg.data.encoded
+                   else dataset_problems(cfg, version, geo))
     errors += init_from_problems(cfg)
     run_storage = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run.name}"
     meta = latest_meta(run_storage)
     name = version.name if version is not None else None
     if meta is not None and name is not None and meta["dataset_version"] != name:
-        if cfg.data.version == "latest":
+        if (cfg.data.encoded_version if cfg.data.encoded else cfg.data.version) == "latest":
             # The run started on an older version: keep reading it, or the data position
             # would point into different rows.
             log.info("resuming %s on its dataset version %s (latest is now %s)",
@@ -178,5 +214,5 @@ def summary(cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
             "run_storage": pre.run_storage, "preflight": "passed"}
 
 
-__all__ = ["PREP_CONFIGS", "Preflight", "dataset_problems", "missing_paths", "preflight",
-           "summary"]
+__all__ = ["PREP_CONFIGS", "Preflight", "dataset_problems", "encoded_problems",
+           "missing_paths", "preflight", "summary"]

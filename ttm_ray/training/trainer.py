@@ -61,6 +61,7 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     data = cfg.data
     if "://" not in data.dataset_root:
         data = replace(data, dataset_root=str(Path(data.dataset_root).resolve()))
+    data = replace(data, encoded=absolute(data.encoded))
     checkpoint = replace(cfg.checkpoint, storage_path=cfg.checkpoint.resolved_storage(run))
     enc = cfg.encoders
     encoders = replace(enc, autoencoder=replace(enc.autoencoder,
@@ -156,7 +157,9 @@ def train(cfg: TrainConfig, preflight_only: bool = False) -> dict[str, Any]:
     # On an autoscaling cluster the training nodes start at zero: ask for them and wait.
     ensure_capacity([capacity_bundle(cfg)] * cfg.scaling.num_workers,
                     timeout_s=cfg.run.capacity_timeout_s, what=f"train {cfg.run.name}")
-    run_id = resolve_run(cfg, pre.run_storage, pre.dataset_version)
+    run_id = resolve_run(cfg, pre.run_storage, pre.dataset_version,
+                         encoded=f"{cfg.data.encoded}@{pre.dataset_version}"
+                         if cfg.data.encoded else None)
     log.info("training %s on %s (MLflow run %s, checkpoints in %s%s)", cfg.run.name,
              pre.dataset_version, run_id, pre.run_storage,
              f", resuming after step {pre.resume_step}" if pre.resume_step else "")
