@@ -102,7 +102,11 @@ def test_tiny_plan_numbers(tiny_encoders: dict[str, Path]) -> None:
                               text_tokens=cfg.encoders.text_encoder.max_length)
     assert plan.flops_per_sample == flops
     per_gpu = cfg.batch.micro_batch * cfg.batch.grad_accum
-    assert plan.compute_seconds == pytest.approx(flops * per_gpu / (100e12 * 0.5))
+    # The frozen encoders run on the training workers: their forward FLOPs (the tiny T5,
+    # counted from its folder; the pixel autoencoder has none) are in the step.
+    assert plan.encoder_flops_per_sample and plan.encoder_flops_per_sample > 0
+    assert plan.compute_seconds == pytest.approx(
+        (flops + plan.encoder_flops_per_sample) * per_gpu / (100e12 * 0.5))
     assert (plan.world, plan.nodes, plan.comm[2].scope) == (2, 1, "intra-node")
     assert plan.comm[2].seconds == pytest.approx(
         gradient_comm_bytes(plan.params, 2, 2, cfg.batch.grad_accum, bf16=False) / 300e9)
@@ -119,9 +123,18 @@ def test_tiny_plan_numbers(tiny_encoders: dict[str, Path]) -> None:
 
 
 def test_dit_4b_zero2_does_not_fit_a_small_gpu() -> None:
-    cfg = load_config(TrainConfig, CONFIGS / "dit_stage2.yaml")
+    # On an encoded version (data.encoded) no encoder weights are resident; without it the
+    # paper's T5-XXL encoder and Cosmos VAE (reference architectures: no folders here) are.
+    cfg = load_config(TrainConfig, CONFIGS / "dit_stage2.yaml", ["data.encoded=/enc"])
+    on_the_fly = plan_training(load_config(TrainConfig, CONFIGS / "dit_stage2.yaml"),
+                               Hardware(name="16 GiB GPU", gpu_memory_gib=16),
+                               measure_activations=False)
+    assert 8.5 < on_the_fly.memory[2].encoders / 2**30 < 9.5
+    assert on_the_fly.encoder_flops_per_sample > 1e12
     plan = plan_training(cfg, Hardware(name="16 GiB GPU", gpu_memory_gib=16),
                          measure_activations=False)
+    assert plan.memory[2].encoders == 0 and plan.encoder_flops_per_sample == 0
+    assert plan.compute_seconds < on_the_fly.compute_seconds
     assert 4.0e9 < plan.params < 5.0e9
     assert not plan.memory[2].fits and plan.memory[3].fits
     verdict = plan.verdict()

@@ -669,6 +669,19 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
     else:
         ae, te = autoencoder_bytes(cfg.encoders.autoencoder), text_encoder_bytes(
             cfg.encoders.text_encoder)
+        # Folders not on this machine: the paper's reference architectures stand in.
+        enc = cfg.encoders
+        if ae is None and (enc.autoencoder.kind == "image_vae"
+                           or enc.autoencoder.class_name == "AutoencoderKLCosmos"):
+            ae = _param_bytes(_meta_autoencoder(enc.autoencoder)[0].to(
+                getattr(torch, enc.autoencoder.dtype)))
+            notes.append(f"autoencoder weights: reference architecture (no model folder at "
+                         f"{enc.autoencoder.path})")
+        if te is None and enc.text_encoder.kind in REFERENCE_TEXT:
+            te = _param_bytes(_meta_text_encoder(enc.text_encoder)[0].to(
+                getattr(torch, enc.text_encoder.dtype)))
+            notes.append(f"text encoder weights: reference architecture (no model folder at "
+                         f"{enc.text_encoder.path})")
         encoders = None if ae is None and te is None else (ae or 0) + (te or 0)
         for what, value, path in (("autoencoder", ae, cfg.encoders.autoencoder.path),
                                   ("text encoder", te, cfg.encoders.text_encoder.path)):
