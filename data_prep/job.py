@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,6 +43,7 @@ from ttm_ray.ops.capacity import ensure_capacity
 from ttm_ray.tracking import code_version, flatten, log_params, start_mlflow_run
 
 log = logging.getLogger(__name__)
+HOLD_ENV = "TTM_RAY_HOLD_AFTER_ROWS"  # fault injection for kill tests (see run_pipeline)
 
 def preflight(cfg: PrepConfig) -> list[dict]:
     """Everything that can fail before work starts: model paths, the input listing."""
@@ -54,7 +57,10 @@ def preflight(cfg: PrepConfig) -> list[dict]:
 def run_pipeline(cfg: PrepConfig, inputs: list[dict], progress: bool = True,
                  fail_after_rows: int | None = None) -> dict[str, Any]:
     """Stream the pipeline's rows into the work store; returns what this run added.
-    Needs Ray up. ``fail_after_rows`` injects a crash once that many rows arrived."""
+    Needs Ray up. ``fail_after_rows`` injects a crash once that many rows arrived; the
+    environment variable ``TTM_RAY_HOLD_AFTER_ROWS=N`` makes the driver stop consuming (and
+    wait to be killed) once N rows arrived, so a kill test lands midway deterministically."""
+    hold_after = int(os.environ.get(HOLD_ENV) or 0) or None
     import ray
 
     parts = list_parts(cfg.work_dir)
@@ -96,6 +102,10 @@ def run_pipeline(cfg: PrepConfig, inputs: list[dict], progress: bool = True,
                 seen.update(batch.column("source_uri").to_pylist())
                 if fail_after_rows is not None and counts.total() >= fail_after_rows:
                     raise RuntimeError(f"injected failure after {counts.total()} rows")
+                if hold_after is not None and counts.total() >= hold_after:
+                    log.warning("prep: %s=%d: holding after %d rows until killed", HOLD_ENV,
+                                hold_after, counts.total())
+                    threading.Event().wait()
         # An input that neither produced a row nor was skipped as done lost its block.
         seen |= ray.get(skipped.get.remote())
         lost = [r for r in table.to_pylist() if r["source_uri"] not in seen]

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.config import PrepConfig
-from data_prep.job import run_prep, run_refilter
+from data_prep.job import HOLD_ENV, run_prep, run_refilter
 from data_prep.pipeline import run_sequential
 from data_prep.sources import list_inputs
 from data_prep.synthetic import generate_corpus
@@ -312,14 +312,16 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
     from ttm_ray.config import dump_yaml
 
     cfg = prep_config(corpus, tmp_path / "killed", tiny_clip_dir,
-                      output={"dir": str(tmp_path / "killed"), "flush_rows": 1,
-                              "flush_seconds": 1.0},
-                      # one clip per scoring call: rows trickle in, so the kill lands midway
+                      # flush_seconds far away: rows past the last part are in the buffer,
+                      # lost by the kill, and must be recomputed by the rerun
+                      output={"dir": str(tmp_path / "killed"), "flush_rows": 3,
+                              "flush_seconds": 3600.0},
                       resources={"score": {"num_cpus": 0.5, "batch_size": 1, "max_actors": 1}},
                       run={"num_cpus": 2, "mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
     config = tmp_path / "prep.yaml"
     config.write_text(dump_yaml(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env[HOLD_ENV] = "5"  # the driver stops consuming once 5 rows arrived
     proc = subprocess.Popen([sys.executable, "-m", "jobs.build_dataset", "--config", str(config),
                              "--no-progress"], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -329,12 +331,15 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(
         while time.monotonic() < deadline and proc.poll() is None:
             if clips.is_dir() and any(clips.glob("part-*.parquet")):
                 break
-            time.sleep(0.02)
+            time.sleep(0.1)
+        time.sleep(2)  # the driver reaches its hold
         assert proc.poll() is None, "the job ended before it could be killed midway"
     finally:
         _kill_group(proc)
     written = sum(pq.ParquetFile(p).metadata.num_rows for p in clips.glob("part-*.parquet"))
-    assert 0 < written < full_run[1]["kept"]  # midway: some rows on disk, not all
+    # midway: rows on disk, while the rest (buffered, or computed but never consumed by the
+    # held driver) died with it
+    assert 0 < written < full_run[1]["kept"]
     assert latest_version(cfg.dataset_root) is None
     resumed = run_prep(cfg, progress=False, track=False)
     assert resumed["already_done"] > 0
