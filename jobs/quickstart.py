@@ -165,7 +165,17 @@ def _tiny_train_config(name: str, root: Path, dataset_root: str, encoded: str | 
         f"run.root={root}", f"data.dataset_root={dataset_root}",
         f"encoders.text_encoder.path={text[kind]}",
         f"run.mlflow_tracking_uri=sqlite:///{(root / 'mlflow.db').resolve()}",
-        *([f"data.encoded={encoded}"] if encoded else [])])
+        # Its own run name: a run checkpointed on the dataset cannot resume on the encoded
+        # version (an earlier quickstart's run of the same config trained on the fly).
+        *([f"data.encoded={encoded}", f"run.name={cfg_name(path)}-encoded"] if encoded
+          else [])])
+
+
+def cfg_name(path: str | None) -> str:
+    from ttm_ray.config import load_config
+    from ttm_ray.training.config import TrainConfig
+
+    return load_config(TrainConfig, path).run.name
 
 
 def train_tiny(name: str, root: Path, dataset_root: str, encoded: str | None = None) -> dict:

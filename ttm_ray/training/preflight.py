@@ -25,7 +25,12 @@ from typing import Any
 
 from ttm_ray.conditioning.autoencoders import AutoencoderGeometry, geometry
 from ttm_ray.config import ConfigError
-from ttm_ray.dataset.versions import DatasetVersion, DatasetVersionError, open_version
+from ttm_ray.dataset.versions import (
+    DatasetVersion,
+    DatasetVersionError,
+    list_versions,
+    open_version,
+)
 from ttm_ray.model_folders import weights_problem
 from ttm_ray.training.checkpoint import latest_meta
 from ttm_ray.training.config import TrainConfig
@@ -191,7 +196,11 @@ def preflight(cfg: TrainConfig, errors: list[str] | None = None) -> Preflight:
     meta = latest_meta(run_storage)
     name = version.name if version is not None else None
     if meta is not None and name is not None and meta["dataset_version"] != name:
-        if (cfg.data.encoded_version if cfg.data.encoded else cfg.data.version) == "latest":
+        if cfg.data.encoded and meta["dataset_version"] not in list_versions(root):
+            errors.append(f"data.encoded: run {cfg.run.name!r} was checkpointed on "
+                          f"{meta['dataset_version']}, which is not a version of {root} (it "
+                          "trained on the fly or on another encoded root); use a new run.name")
+        elif (cfg.data.encoded_version if cfg.data.encoded else cfg.data.version) == "latest":
             # The run started on an older version: keep reading it, or the data position
             # would point into different rows.
             log.info("resuming %s on its dataset version %s (latest is now %s)",
