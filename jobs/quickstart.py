@@ -235,7 +235,11 @@ def evaluate_benchmark(root: Path, corpus_manifest: Path, trained: dict, items: 
     build_tiny_fvd_weights(models / "tiny-fvd")
     bench = write_benchmark_manifest(corpus_manifest, root / "benchmark" / "manifest.jsonl",
                                      limit=items)
-    cfg = _generate_config("evaluate", root, trained, "dit", [f"manifest={bench}"])
+    # The YAML names the default root's folders; --root elsewhere must find its own models.
+    cfg = _generate_config("evaluate", root, trained, "dit", [
+        f"manifest={bench}", f"evaluation.clip.path={models / 'tiny-clip'}",
+        f"evaluation.viclip.path={models / 'tiny-xclip'}",
+        f"evaluation.fvd.weights={models / 'tiny-fvd' / 'r3d_18.safetensors'}"])
     return evaluate(cfg, progress=False)
 
 
