@@ -14,7 +14,7 @@ What each stage is conditioned on (``method_notes.md``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ttm_ray.conditioning.autoencoders import Autoencoder, AutoencoderConfig
 from ttm_ray.conditioning.batch import ModelConditioning
 from ttm_ray.conditioning.layout import build_visual
 from ttm_ray.conditioning.text_encoders import TextEncoder, TextEncoderConfig
-from ttm_ray.config import constrained
+from ttm_ray.config import absolute_path, constrained
 
 
 @dataclass
@@ -45,6 +45,15 @@ class EncodersConfig:
 
     def build(self, device: torch.device | str | None = None) -> Encoders:
         return Encoders(self.autoencoder.build(device), self.text_encoder.build(device))
+
+    def with_absolute_paths(self) -> EncodersConfig:
+        """Weights folders made absolute (see :func:`ttm_ray.config.absolute_path`): what a
+        training run hands its workers and what an encoded version records, so the two
+        compare equal."""
+        ae, text = self.autoencoder, self.text_encoder
+        return replace(self, autoencoder=replace(ae, path=absolute_path(ae.path)),
+                       text_encoder=replace(text, path=absolute_path(text.path),
+                                            tokenizer_path=absolute_path(text.tokenizer_path)))
 
 
 def to_model_video(frames: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:

@@ -9,12 +9,14 @@ from ttm_ray.config.loader import (
     load_merged,
     write_effective_config,
 )
+from ttm_ray.config.paths import absolute_path
 from ttm_ray.config.run import RunConfig
 from ttm_ray.config.schema import ConfigError, constrained, from_dict, to_dict
 
 __all__ = [
     "ConfigError",
     "RunConfig",
+    "absolute_path",
     "apply_overrides",
     "config_hash",
     "constrained",

@@ -19,13 +19,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ttm_ray.config import ConfigError, to_dict
+from ttm_ray.config import ConfigError, absolute_path, to_dict
 from ttm_ray.dataset.encoded import (
     ENCODED_SCHEMA_VERSION,
     NULL_TEXT_FILE,
@@ -47,23 +46,11 @@ from ttm_ray.training.data import encoded_geometry
 log = logging.getLogger(__name__)
 
 
-def absolute(path: str | None) -> str | None:
-    """Local relative paths made absolute (what training's resolve_paths does, so the
-    recorded ``encoders:`` section compares equal to a train config's)."""
-    if not path or "://" in path or Path(path).is_absolute():
-        return path
-    return str(Path(path).resolve())
-
 
 def resolve(cfg: EncodeConfig) -> EncodeConfig:
-    enc = cfg.encoders
-    encoders = replace(enc, autoencoder=replace(enc.autoencoder,
-                                                path=absolute(enc.autoencoder.path)),
-                       text_encoder=replace(enc.text_encoder,
-                                            path=absolute(enc.text_encoder.path),
-                                            tokenizer_path=absolute(enc.text_encoder.tokenizer_path)))
-    data = replace(cfg.data, dataset_root=absolute(cfg.data.dataset_root) or "")
-    output = replace(cfg.output, dataset_root=absolute(cfg.output.dataset_root))
+    encoders = cfg.encoders.with_absolute_paths()
+    data = replace(cfg.data, dataset_root=absolute_path(cfg.data.dataset_root) or "")
+    output = replace(cfg.output, dataset_root=absolute_path(cfg.output.dataset_root))
     return replace(cfg, encoders=encoders, data=data, output=output)
 
 

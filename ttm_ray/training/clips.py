@@ -129,6 +129,16 @@ class RowReader:
         return [self.row(int(i)) for i in indices]
 
 
+def validation_index(reader: RowReader, clip_id: str | None, where: str) -> int:
+    """Row of ``data.validation_clip`` (row 0 when unset) in ``where`` (a version's name)."""
+    if clip_id is None:
+        return 0
+    try:
+        return reader.clip_ids.index(clip_id)
+    except ValueError:
+        raise ValueError(f"data.validation_clip {clip_id!r} is not in {where}") from None
+
+
 # ----------------------------------------------------------------------------- one clip
 @dataclass(frozen=True)
 class ClipSpec:

@@ -46,7 +46,14 @@ from ttm_ray.config import constrained
 from ttm_ray.dataset.versions import open_version
 from ttm_ray.models.config import ModelConfig
 from ttm_ray.models.registry import token_grid
-from ttm_ray.training.clips import BadClipError, Clip, ClipSpec, RowReader, prepare_clip
+from ttm_ray.training.clips import (
+    BadClipError,
+    Clip,
+    ClipSpec,
+    RowReader,
+    prepare_clip,
+    validation_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -443,14 +450,8 @@ class TrainingData:
 
     # ------------------------------------------------------------------ validation
     def validation_index(self) -> int:
-        clip = self.cfg.validation_clip
-        if clip is None:
-            return 0
-        try:
-            return self._rows.clip_ids.index(clip)
-        except ValueError:
-            raise ValueError(f"data.validation_clip {clip!r} is not in dataset version "
-                             f"{self.version}") from None
+        return validation_index(self._rows, self.cfg.validation_clip,
+                                f"dataset version {self.version}")
 
     def validation_sample(self) -> tuple[torch.Tensor, ModelConditioning, dict[str, Any]]:
         """The fixed validation clip (batch of 1), computed once: ``(x_data, cond, raw)`` with

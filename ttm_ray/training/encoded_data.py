@@ -23,7 +23,7 @@ from ttm_ray.conditioning.text_encoders import pack_local
 from ttm_ray.dataset.encoded import read_null_text, row_tensor, tensor_columns
 from ttm_ray.dataset.versions import open_version
 from ttm_ray.models.config import ModelConfig
-from ttm_ray.training.clips import RowReader
+from ttm_ray.training.clips import RowReader, validation_index
 from ttm_ray.training.data import TrainDataConfig, TrainingData, cache_groups
 
 #: Tensors a stage reads: (target, first-frame latent, trajectory condition, text).
@@ -104,14 +104,8 @@ class EncodedTrainingData:
         return x_data, cond
 
     def validation_index(self) -> int:
-        clip = self.cfg.validation_clip
-        if clip is None:
-            return 0
-        try:
-            return self._rows.clip_ids.index(clip)
-        except ValueError:
-            raise ValueError(f"data.validation_clip {clip!r} is not in encoded version "
-                             f"{self.version}") from None
+        return validation_index(self._rows, self.cfg.validation_clip,
+                                f"encoded version {self.version}")
 
     def validation_sample(self) -> tuple[torch.Tensor, ModelConditioning, dict[str, Any]]:
         """The fixed validation clip (batch of 1): ``(x_data, cond, raw)``; ``raw`` has no

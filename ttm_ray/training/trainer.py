@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ttm_ray.config import config_hash, to_dict, write_effective_config
+from ttm_ray.config import absolute_path, config_hash, to_dict, write_effective_config
 from ttm_ray.tracking import code_version
 from ttm_ray.training.checkpoint import (
     PROBE,
@@ -61,25 +61,13 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     data = cfg.data
     if "://" not in data.dataset_root:
         data = replace(data, dataset_root=str(Path(data.dataset_root).resolve()))
-    data = replace(data, encoded=absolute(data.encoded))
+    data = replace(data, encoded=absolute_path(data.encoded))
     checkpoint = replace(cfg.checkpoint, storage_path=cfg.checkpoint.resolved_storage(run))
-    enc = cfg.encoders
-    encoders = replace(enc, autoencoder=replace(enc.autoencoder,
-                                                path=absolute(enc.autoencoder.path)),
-                       text_encoder=replace(enc.text_encoder,
-                                            path=absolute(enc.text_encoder.path),
-                                            tokenizer_path=absolute(enc.text_encoder.tokenizer_path)))
-    model = replace(cfg.model, init_from=absolute(cfg.model.init_from))
+    encoders = cfg.encoders.with_absolute_paths()
+    model = replace(cfg.model, init_from=absolute_path(cfg.model.init_from))
     return replace(cfg, run=run, data=data, checkpoint=checkpoint, encoders=encoders,
                    model=model)
 
-
-def absolute(path: str | None) -> str | None:
-    """A relative local path against the driver's working dir (Ray workers run elsewhere);
-    absolute paths and URIs are what every node sees and stay as they are."""
-    if not path or "://" in path or Path(path).is_absolute():
-        return path
-    return str(Path(path).resolve())
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
