@@ -30,7 +30,18 @@ class SynthConfig:
     videos: int = constrained(20, ge=1, help="number of valid videos")
     corrupt: int = constrained(0, ge=0, help="number of broken inputs added")
     seed: int = constrained(0, ge=0)
+    task: Literal["corpus", "motion"] = constrained(
+        "corpus", help="corpus: the quickstart corpus; motion: the learning task of "
+                       "data_prep.synthetic_task (prompt-driven motion, colour changes named "
+                       "only in local prompts)")
+    split: Literal["train", "heldout"] = constrained(
+        "train", help="task=motion: train, or heldout (unseen start positions, shape x colour "
+                      "combinations and object counts)")
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.task == "motion" and self.corrupt:
+            raise ValueError("corrupt: the motion task has no broken inputs (set corrupt=0)")
 
 
 @dataclass

@@ -29,6 +29,8 @@ WORDS = (
     "runs", "left", "right", "up", "down", "towards", "away", "from", "to", "the", "a", "an",
     "and", "of", "on", "in", "with", "while", "camera", "slowly", "quickly", "object",
     "background", "stays", "still", "across", "top", "bottom",
+    # the motion task (data_prep.synthetic_task): every word one token, so prompts fit
+    "stay", "grow", "grows", "larger", "shrink", "shrinks", "one",
 )
 _LETTERS = string.ascii_lowercase + string.digits
 
