@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 PREP_CONFIG = ROOT / "jobs/configs/prep/quickstart.yaml"
 #: Clips of 4 frames at 4 fps out of the task's 8-frame, 8 fps videos: frames 0, 2, 4, 6
 #: (the tiny models' 4-frame clips then span most of the motion).
-PREP_OVERLAY = ["clip.num_frames=4", "clip.fps=4"]
+CLIP_FRAMES, CLIP_FPS = 4, 4.0
+PREP_OVERLAY = [f"clip.num_frames={CLIP_FRAMES}", f"clip.fps={CLIP_FPS:g}"]
 FAMILIES = ("dit", "unet")
 
 
@@ -66,6 +67,18 @@ class Settings:
     global_batch: int
     sample_steps: int
     seed: int = 0
+
+    def check(self) -> None:
+        """Sizes that would only fail after Ray and the first training run have started."""
+        if self.global_batch < 2 or self.global_batch % 2:
+            raise SystemExit(f"--global-batch {self.global_batch}: must be even and >= 2 (2 "
+                             "training workers share it)")
+        if self.train_clips < self.global_batch:
+            raise SystemExit(f"--train-clips {self.train_clips}: fewer than one global batch "
+                             f"({self.global_batch}); raise it or lower --global-batch")
+        if min(self.heldout_clips, self.stage1_steps, self.stage2_steps, self.sample_steps) < 1:
+            raise SystemExit("--heldout-clips, --stage1-steps, --stage2-steps and "
+                             "--sample-steps must be >= 1")
 
 
 #: Sized for the budgets of issue 15 on 2 CPU cores: --quick <= 10 minutes (each Ray Train run
@@ -179,7 +192,7 @@ def evaluate_family(s: Settings, runs: dict[str, Any], heldout: Path) -> dict[st
         "binding_swap")}
     for i, item in enumerate(_heldout_items(heldout)):
         clip = make_clip(item["seed"], item["index"], "heldout")
-        picks = sample_frame_indices(item["fps"], 0, 4, 4.0)
+        picks = sample_frame_indices(item["fps"], 0, CLIP_FRAMES, CLIP_FPS)  # as prep cut
         video = str(heldout / item["path"])
         image = read_frames(video, [0])[0]
         gt = read_sav_annotation(heldout / item["annotation"]).all_masks()[picks]  # [T,K,H,W]
@@ -279,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                         if k in base.__dict__ and v is not None}})
     if args.families:
         s.families = tuple(args.families)
+    s.check()
     import tempfile
 
     root = Path(args.root or tempfile.mkdtemp(prefix="it-learns-")).resolve()

@@ -42,6 +42,9 @@ class SynthConfig:
     def validate(self) -> None:
         if self.task == "motion" and self.corrupt:
             raise ValueError("corrupt: the motion task has no broken inputs (set corrupt=0)")
+        if self.task == "corpus" and self.split != "train":
+            raise ValueError(f"split: {self.split!r} applies to task=motion only (the quickstart "
+                             "corpus has no splits); add task=motion or drop split")
 
 
 @dataclass

@@ -48,7 +48,6 @@ from typing import Literal
 import numpy as np
 
 from data_prep.synthetic import (
-    MANIFEST_NAME,
     OBJECT_COLORS,
     VIDEO_DIR,
     encode_mp4,
@@ -287,6 +286,6 @@ def generate_task(out_dir: str | os.PathLike, num_clips: int, split: Split, seed
     return write_manifest(rows, out)
 
 
-__all__ = ["MANIFEST_NAME", "MOTIONS", "OPPOSITE", "SHAPES", "START_COLORS", "TARGET_COLORS",
+__all__ = ["MOTIONS", "OPPOSITE", "SHAPES", "START_COLORS", "TARGET_COLORS",
            "TaskClip", "TaskObject", "generate_task", "heldout_cell", "heldout_combo",
            "make_clip", "pose", "render_clip", "task_labels"]

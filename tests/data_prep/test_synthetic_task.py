@@ -136,3 +136,7 @@ def test_synth_cli_task_motion(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert main(["--out", str(tmp_path / "u"), "--task", "motion", "--videos", "3",
                  "--corrupt", "1"]) != 0
     assert "the motion task has no broken inputs" in capsys.readouterr().out
+    # A split without the motion task would be ignored: refused instead.
+    assert main(["--out", str(tmp_path / "v"), "--videos", "3", "--split", "heldout"]) != 0
+    assert "applies to task=motion only" in capsys.readouterr().out
+    assert not (tmp_path / "v").exists()
