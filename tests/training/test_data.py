@@ -3,6 +3,7 @@ families and stages, on the tiny dataset built by the real prep (``tiny_dataset`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -159,14 +160,27 @@ def test_batch_shapes_and_contents(tiny_dataset: Path, encoders, family: str,
     np.testing.assert_allclose(pixels.numpy(), target.astype(np.float32), atol=1e-3)
     prompt = clips[0].c_motion if stage == 1 else clips[0].caption
     np.testing.assert_allclose(cond.text[0], enc.text.encode([prompt])[0][0], atol=1e-6)
-    # E(x0) at latent frame 0, zero elsewhere; stage 2 carries E(s) over all frames.
-    np.testing.assert_allclose(cond.visual[:, :48, 0], enc.autoencoder.encode(
+    # E(x0) at latent frame 0, zero elsewhere (condition_frames: first, the default); stage 2
+    # carries E(s) over all frames.
+    first_latent = enc.autoencoder.encode(
         torch.from_numpy(np.stack([c.frames[:1] for c in clips])).permute(0, 4, 1, 2, 3)
-        .float() / 127.5 - 1)[:, :, 0], atol=1e-6)
+        .float() / 127.5 - 1)
+    np.testing.assert_allclose(cond.visual[:, :48, :1], first_latent, atol=1e-6)
     assert bool((cond.visual[:, :48, 1:] == 0).all())
     if stage == 1:
         assert cond.token_ids is None and cond.local_text is None
         assert bool((cond.visual[:, 48:96, 1:] == 0).all())
+        # model.condition_frames: repeat (the DiT configs) copies both to every frame.
+        repeat = TrainingData(TrainDataConfig(dataset_root=str(tiny_dataset)), stage,
+                              dataclasses.replace(model_config(family, stage),
+                                                  condition_frames="repeat"),
+                              enc, "cpu")
+        _, cond_repeat = repeat.batch([0, 3], torch.Generator().manual_seed(0))
+        assert torch.equal(cond_repeat.visual[:, :, :1], cond.visual[:, :, :1])
+        assert torch.equal(cond_repeat.visual[:, :96], cond.visual[:, :96, :1].expand(
+            -1, -1, 4, -1, -1))
+        assert torch.equal(cond_repeat.visual[:, 96], cond.visual[:, 96])  # flag: frame 0
+        repeat.close()
     else:
         np.testing.assert_allclose(cond.visual[:, 48:96], enc.autoencoder.encode(
             torch.from_numpy(np.stack([c.trajectory for c in clips])).permute(0, 4, 1, 2, 3)

@@ -39,12 +39,14 @@ def test_paper_runs_have_the_paper_recipe_on_32_a100(name: str) -> None:
     assert grid == ((16, 32, 32) if family == "dit" else (16, 64, 64))
     if stage == "2":
         assert cfg.model.masked_attention_blocks == (10 if family == "dit" else 6)
+    # The condition layout each family learned with on the motion task (issue 15).
+    assert cfg.model.condition_frames == ("repeat" if family == "dit" else "first")
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_tiny_variants_inherit_their_run_and_fit_two_cpu_workers(name: str) -> None:
     big, tiny = load(name), load(f"{name}_tiny")
-    for section in ("family", "stage"):
+    for section in ("family", "stage", "condition_frames"):
         assert getattr(tiny.model, section) == getattr(big.model, section)
     assert tiny.diffusion.objective == big.diffusion.objective
     assert tiny.model.size.endswith("-tiny") and tiny.model.overrides == {}

@@ -20,10 +20,11 @@ import torch
 class ModelConditioning:
     """Conditions of one batch (already encoded: latents and text embeddings).
 
-    visual: ``[B, Cv, T, H, W]`` channels concatenated to ``x_t`` (stage 1: E(x0) at frame 0,
-        E(s0) at frame 0 and the "frame given" channel; stage 2: E(x0) at frame 0, E(s) over
-        all frames and the "frame given" channel; see ``conditioning.layout``). Zeros = the
-        dropped visual condition.
+    visual: ``[B, Cv, T, H, W]`` channels concatenated to ``x_t`` (stage 1: E(x0), E(s0)
+        and the "frame given" channel; stage 2: E(x0), E(s) over all frames and the "frame
+        given" channel; the one-frame latents repeat on every frame or sit at frame 0 by
+        ``model.condition_frames``, see ``conditioning.layout``). Zeros = the dropped visual
+        condition.
     text: ``[B, L, D]`` global prompt embeddings (stage 1: c_motion; stage 2: c). Dropped
         text = the encoder's embedding of the empty prompt (``null_text``).
     text_mask: ``[B, L]`` bool, True for real tokens.

@@ -94,6 +94,7 @@ class Encoders:
         token_ids: torch.Tensor | None = None,
         local: LocalTextConfig | None = None,
         names: Sequence[str] | None = None,
+        frames: str = "first",
     ) -> ModelConditioning:
         """Encoded inputs -> the model's conditioning (float32 on the latents' device).
 
@@ -101,7 +102,8 @@ class Encoders:
         (stage 1) or E(s) (stage 2); ``prompts``: c_motion (stage 1) or the caption (stage 2).
         Stage 2 also needs ``local_prompts`` / ``local_ids`` (each object's prompt and colour
         index) and ``token_ids [B, t, h, w]`` on the model's token grid. ``names`` name the
-        items in text-encoder errors (e.g. an empty caption).
+        items in text-encoder errors (e.g. an empty caption); ``frames`` is the model's
+        ``condition_frames`` (:func:`~ttm_ray.conditioning.layout.build_visual`).
         """
         emb, mask = self.text.encode(list(prompts), names=names)
         local_text = None
@@ -113,14 +115,15 @@ class Encoders:
                                                 max_tokens_per_object=local.tokens_per_object,
                                                 num_tokens=local.tokens)
         return assemble_conditions(stage, num_frames, first_frame_latent, trajectory_latent,
-                                   (emb, mask), local_text, token_ids)
+                                   (emb, mask), local_text, token_ids, frames=frames)
 
 
 def assemble_conditions(stage: int, num_frames: int, first_frame_latent: torch.Tensor,
                         trajectory_latent: torch.Tensor,
                         text: tuple[torch.Tensor, torch.Tensor],
                         local_text: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        token_ids: torch.Tensor | None = None) -> ModelConditioning:
+                        token_ids: torch.Tensor | None = None, *,
+                        frames: str = "first") -> ModelConditioning:
     """Encoder outputs -> :class:`ModelConditioning` (float32, masks bool, ids long).
 
     The one place the conditioning is put together: :meth:`Encoders.conditions` calls it with
@@ -129,7 +132,7 @@ def assemble_conditions(stage: int, num_frames: int, first_frame_latent: torch.T
     ``local_text = (local [B, M, D], ids [B, M])`` and ``token_ids [B, t, h, w]``.
     """
     visual = build_visual(stage, first_frame_latent.float(), trajectory_latent.float(),
-                          num_frames)
+                          num_frames, frames)
     emb, mask = text
     cond = ModelConditioning(visual=visual, text=emb.float().to(visual.device),
                              text_mask=mask.bool().to(visual.device))

@@ -1,13 +1,23 @@
 """Where the visual conditions sit in ``cond.visual``: one layout per stage, both families.
 
 The paper concatenates the condition latents to the noisy latent along channels. A single
-image (x0, or its segmentation s0) encodes to a one-frame latent, so (Decision in
-``method_notes.md``) it is placed at latent frame 0 and zero-padded over the other frames,
-plus one binary "frame given" channel that is 1 at frame 0 so the model can tell a given
-frame from a zero-padded one. Channel order, ``C`` = latent channels:
+image (x0, or its segmentation s0) encodes to a one-frame latent, which
+``model.condition_frames`` either
 
-* stage 1 (image-to-motion): ``[E(x0) @ f0 | E(s0) @ f0 | given]``  -> ``2C + 1``;
-* stage 2 (motion-to-video): ``[E(x0) @ f0 | E(s) all frames | given]`` -> ``2C + 1``.
+* ``first`` (the default, the Decision in ``method_notes.md``): places at latent frame 0 and
+  zero-pads over the other frames, so the model carries frame 0 across time itself; or
+* ``repeat``: copies to every latent frame (as Stable Video Diffusion does), so each frame's
+  tokens see the condition at their own position.
+
+Both add one binary "frame given" channel that is 1 at frame 0 only, so the model can tell
+the given frame from the others. The DiT configs choose ``repeat``: a dit-tiny trained from
+scratch learns to carry frame 0 forward only with it, while the U-Net, whose convolutions
+and per-position temporal attention carry it already, learns better with ``first``
+(measurements in ``benchmarks/results/it_learns.md``). Channel order, ``C`` = latent
+channels:
+
+* stage 1 (image-to-motion): ``[E(x0) | E(s0) | given]``  -> ``2C + 1``;
+* stage 2 (motion-to-video): ``[E(x0) | E(s) all frames | given]`` -> ``2C + 1``.
 
 Dropping the visual condition (guidance) zeroes the whole tensor, flag included. The models
 size their input layer with :func:`visual_channels`; data loading and inference build the
@@ -21,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 STAGES: tuple[int, ...] = (1, 2)
+#: How a one-frame condition latent fills the T latent frames (see the module docstring).
+CONDITION_FRAMES: tuple[str, ...] = ("first", "repeat")
 
 
 @dataclass(frozen=True)
@@ -67,15 +79,24 @@ def _check_stage(stage: int) -> None:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
 
 
-def condition_layout(stage: int, latent_channels: int) -> ConditionLayout:
-    """The layout of ``cond.visual`` for ``stage`` with ``latent_channels`` per latent."""
+def _check_frames(frames: str) -> None:
+    if frames not in CONDITION_FRAMES:
+        raise ValueError(f"condition_frames must be one of {CONDITION_FRAMES}, got {frames!r}")
+
+
+def condition_layout(stage: int, latent_channels: int,
+                     frames: str = "first") -> ConditionLayout:
+    """The layout of ``cond.visual`` for ``stage`` with ``latent_channels`` per latent;
+    ``frames`` is how a one-frame latent fills the clip (:data:`CONDITION_FRAMES`)."""
     _check_stage(stage)
+    _check_frames(frames)
     c = int(latent_channels)
     if c <= 0:
         raise ValueError(f"latent_channels must be positive, got {latent_channels}")
-    second = ("E(s0)", "frame 0") if stage == 1 else ("E(s)", "all frames")
+    single = "all frames" if frames == "repeat" else "frame 0"
+    second = ("E(s0)", single) if stage == 1 else ("E(s)", "all frames")
     return ConditionLayout(stage, c, (
-        ChannelGroup("E(x0)", 0, c, "frame 0"),
+        ChannelGroup("E(x0)", 0, c, single),
         ChannelGroup(second[0], c, 2 * c, second[1]),
         ChannelGroup("given", 2 * c, 2 * c + 1, "frame 0"),
     ))
@@ -87,8 +108,11 @@ def visual_channels(stage: int, latent_channels: int) -> int:
 
 
 def build_visual(stage: int, first_frame_latent: torch.Tensor,
-                 trajectory_latent: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Assemble ``cond.visual [B, 2C+1, T, H, W]`` (``T = num_frames`` latent frames).
+                 trajectory_latent: torch.Tensor, num_frames: int,
+                 frames: str = "first") -> torch.Tensor:
+    """Assemble ``cond.visual [B, 2C+1, T, H, W]`` (``T = num_frames`` latent frames);
+    ``frames``: ``first`` puts the one-frame latents at frame 0 and leaves zeros, ``repeat``
+    copies them to every frame.
 
     ``first_frame_latent``: E(x0), ``[B, C, 1, H, W]``. ``trajectory_latent``: stage 1 the
     first-frame segmentation E(s0), ``[B, C, 1, H, W]``; stage 2 the whole trajectory video
@@ -106,9 +130,10 @@ def build_visual(stage: int, first_frame_latent: torch.Tensor,
                          f"{[b, c, want_t, h, w]}, got {list(s.shape)}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    layout = condition_layout(stage, c)
+    layout = condition_layout(stage, c, frames)
     out = x0.new_zeros(b, layout.channels, num_frames, h, w)
-    out[:, :c, :1] = x0
-    out[:, c:2 * c, :want_t] = s.to(out.dtype)
+    span = num_frames if frames == "repeat" else 1
+    out[:, :c, :span] = x0
+    out[:, c:2 * c, :span if stage == 1 else num_frames] = s.to(out.dtype)
     out[:, 2 * c, 0] = 1.0
     return out

@@ -152,7 +152,8 @@ class TwoStageGenerator:
         ae = stage.encoders.autoencoder
         s0_latent = ae.encode_image(to_model_video([s0], self.device))
         cond = stage.encoders.conditions(1, stage.model_cfg.num_frames, x0_latent, s0_latent,
-                                         [inp.c_motion], names=[f"item {inp.item_id!r}"])
+                                         [inp.c_motion], names=[f"item {inp.item_id!r}"],
+                                         frames=stage.model_cfg.condition_frames)
         latent = stage.sample(cond, generator)
         rgb = from_model_video(ae.decode(latent.to(ae.dtype or latent.dtype))[0])
         ids = trajectory_to_object_ids(rgb, colours)
@@ -175,7 +176,8 @@ class TwoStageGenerator:
         cond = stage.encoders.conditions(
             2, stage.model_cfg.num_frames, x0_latent, s_latent, [inp.caption],
             local_prompts=[[o.prompt for o in inp.objects]], local_ids=[colours],
-            token_ids=ids[None], names=[f"item {inp.item_id!r}"])
+            token_ids=ids[None], names=[f"item {inp.item_id!r}"],
+            frames=stage.model_cfg.condition_frames)
         latent = stage.sample(cond, generator)
         video = from_model_video(ae.decode(latent.to(ae.dtype or latent.dtype))[0])
         return video, trajectory, masks, x0

@@ -43,6 +43,12 @@ class ModelConfig:
         help="K: blocks with the added masked layers (stage 2); null: the size's default "
              "(10 for dit-4b, 6 for unet-1.4b)",
     )
+    condition_frames: Literal["first", "repeat"] = constrained(
+        "first",
+        help="how the one-frame condition latents E(x0) (and E(s0) in stage 1) fill the "
+             "clip: first (frame 0, zeros after) or repeat (on every latent frame); see "
+             "ttm_ray.conditioning.layout",
+    )
     init_from: str | None = constrained(
         None, help="pretrained weights (.safetensors / .pt state dict) loaded after building"
     )

@@ -445,7 +445,8 @@ class TrainingData:
             local_prompts=[c.local_prompts for c in clips],
             local_ids=[c.local_ids for c in clips], token_ids=token_ids,
             local=LocalTextConfig(self.cfg.local_tokens_per_object, self.cfg.local_tokens),
-            names=[f"clip {c.clip_id!r}" for c in clips])
+            names=[f"clip {c.clip_id!r}" for c in clips],
+            frames=self.model_cfg.condition_frames)
         return x_data, cond
 
     # ------------------------------------------------------------------ validation

@@ -100,7 +100,8 @@ class EncodedTrainingData:
                                row_tensor(rows[0], "local_emb").dtype)
             token_ids = stack("token_ids").long()
         cond = assemble_conditions(self.stage, self.model_cfg.num_frames, stack(first),
-                                   stack(traj), (stack(emb), stack(mask)), local, token_ids)
+                                   stack(traj), (stack(emb), stack(mask)), local, token_ids,
+                                   frames=self.model_cfg.condition_frames)
         return x_data, cond
 
     def validation_index(self) -> int:
