@@ -85,7 +85,7 @@ class Settings:
 #: adds ~45 s of start-up and export to its steps), the full run about 30.
 QUICK = Settings(("dit",), train_clips=700, heldout_clips=21, stage1_steps=300,
                  stage2_steps=300, lr=2e-3, global_batch=16, sample_steps=20)
-FULL = Settings(FAMILIES, train_clips=1400, heldout_clips=42, stage1_steps=800,
+FULL = Settings(FAMILIES, train_clips=1400, heldout_clips=42, stage1_steps=1600,
                 stage2_steps=300, lr=2e-3, global_batch=16, sample_steps=30)
 
 
