@@ -27,8 +27,10 @@ PIXEL = AutoencoderConfig(kind="pixel", spatial_factor=4, temporal_factor=1)
 
 
 def model_config(family: str, stage: int) -> ModelConfig:
+    # Each family's condition layout as its paper configs set it (the DiT repeats E(x0), E(s0)).
     return ModelConfig(family=family, size=f"{family}-tiny", stage=stage, latent_channels=48,
-                       num_frames=4, height=8, width=8)
+                       num_frames=4, height=8, width=8,
+                       condition_frames="repeat" if family == "dit" else "first")
 
 
 def encoders_config(family: str, tiny_encoders: dict[str, Path]) -> EncodersConfig:
@@ -135,6 +137,9 @@ def test_cached_batches_and_loss_match_on_the_fly(encoded, tiny_dataset: Path,
         if a is not None:
             assert a.dtype == b.dtype, name
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    if model_cfg.condition_frames == "repeat":  # the cached first frames fill every frame
+        assert torch.equal(cond_c.visual[:, :96, 1:],
+                           cond_c.visual[:, :96, :1].expand(-1, -1, 3, -1, -1))
     torch.testing.assert_close(cached.null_text(2)[0], fly.encoders.null_text(2)[0])
     torch.manual_seed(0)
     model = build_model(model_cfg)
