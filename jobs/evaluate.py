@@ -30,7 +30,7 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     """Generate (unless skipped), score, report and log one evaluation config."""
     from jobs.generate import generate_items
     from ttm_ray.config import ConfigError, write_effective_config
-    from ttm_ray.evaluation.benchmark import evaluate_variants, settings_markdown
+    from ttm_ray.evaluation.benchmark import binding_counts, evaluate_variants, settings_markdown
     from ttm_ray.evaluation.report import log_to_mlflow, write_report
     from ttm_ray.inference.items import load_items
     from ttm_ray.inference.stage_model import export_pixel_shape
@@ -61,13 +61,15 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     if not results:
         raise RuntimeError(f"nothing to score: no setting produced output (see "
                            f"{out}/failures.jsonl)")
+    # How each setting's local prompts were bound to its masks (GT + LLM: unbound, non-exact).
+    bindings = {v: binding_counts(items, out / v) for v in results}
     report = out / "report"
     files = []
     for v, res in results.items():
         files += list(write_report(res, report, stem=v).values())
     table = report / "settings.md"
     table.write_text(f"# {cfg.evaluation.benchmark}: generation settings\n\n"
-                     + settings_markdown(results))
+                     + settings_markdown(results, bindings=bindings))
     files.append(table)
     import mlflow
 
@@ -82,11 +84,11 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
         run_id = run.info.run_id
     print(f"[evaluate] report: {report} (settings table {table}); MLflow run {run_id}",
           file=sys.stderr)
-    print(settings_markdown(results), file=sys.stderr)
+    print(settings_markdown(results, bindings=bindings), file=sys.stderr)
     return {"report": str(report), "mlflow_run_id": run_id, "variants": variants,
             "scored": {v: r.subsets["all"]["n_videos"] for v, r in results.items()},
             "missing": {v: len(m) for v, m in missing.items()},
-            "generation": generated,
+            "generation": generated, "name_binding": bindings,
             "all": {v: {m: r.subsets["all"].get(m) for m in r.metrics}
                     for v, r in results.items()}}
 

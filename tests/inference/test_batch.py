@@ -251,6 +251,10 @@ def test_evaluate_job_scores_every_setting_and_logs_to_mlflow(tiny_exports, benc
     for v in ("gt_manual", "generated_manual", "gt_wrong"):
         assert f"| {v} | 3 |" in table
         assert (report / f"{v}.csv").is_file() and (report / f"{v}_per_video.csv").is_file()
+        # the settings' own names bind exactly (name binding is counted in the report)
+        binding = summary["name_binding"][v]
+        assert binding["exact"] == binding["objects"] > 0 and binding["unbound"] == 0
+    assert "Local prompts bound to masks by name" in table
     for v, values in summary["all"].items():
         assert all(values[m] is not None for m in ("fvd", "clipframe", "viclip_t",
                                                   "viclip_v", "ad")), (v, values)

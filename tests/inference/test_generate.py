@@ -291,7 +291,10 @@ def test_llm_prompts_and_sam2_masks_front_end(tiny_exports, bench, tiny_groundin
     gen = TwoStageGenerator(_gen_cfg(tiny_exports["dit"]))
     pixels = load_pixels(item, 1, None)
     out = gen.generate(generation_input(response, pixels.image, seed=0))
-    assert out.record["notes"] == {"prompt_source": "llm", "mask_source": "sam2"}
+    notes = out.record["notes"]
+    assert {k: notes[k] for k in ("prompt_source", "mask_source")} == {
+        "prompt_source": "llm", "mask_source": "sam2"}
+    assert notes["name_binding"]["counts"]["exact"] == 1  # SAM2 masks carry c_local's names
     assert out.video.shape[0] == gen.stage2.frames
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from ttm_ray.evaluation.config import EvalItem, Evaluator
 from ttm_ray.evaluation.report import LABELS, SUBSET_ALL, EvaluationResults, format_value
 from ttm_ray.inference.items import GenerationItem, load_pixels
+from ttm_ray.inference.name_binding import METHODS
 from ttm_ray.inference.outputs import is_done, item_dir, read_record
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,43 @@ def evaluate_variants(evaluator: Evaluator, items: Sequence[GenerationItem],
     return results, missing
 
 
-def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSET_ALL) -> str:
-    """One row per generation setting (the layout of the paper's Table 5)."""
+def binding_counts(items: Sequence[GenerationItem], variant_dir: str | Path) -> dict[str, int]:
+    """How one setting's generated items bound local prompts to masks, summed over items
+    (``notes.name_binding`` of each ``generation.json``): ``objects``, one count per method
+    (exact, normalised, similar, order, unbound) and ``unused_prompts``. Records written
+    before the binding was recorded are skipped."""
+    out = dict.fromkeys(("objects", *METHODS, "unused_prompts"), 0)
+    for item in items:
+        if not is_done(variant_dir, item.item_id):
+            continue
+        binding = (read_record(variant_dir, item.item_id).get("notes") or {}).get(
+            "name_binding")
+        if not binding:
+            continue
+        for method, n in binding["counts"].items():
+            out[method] = out.get(method, 0) + int(n)
+            out["objects"] += int(n)
+        out["unused_prompts"] += len(binding.get("unused_prompts") or [])
+    return out
+
+
+def binding_markdown(bindings: dict[str, dict[str, int]]) -> str:
+    """The binding counts per setting: a GT + LLM row with unbound or non-exact objects
+    says its prompts, not only its masks, differ from the manual setting's."""
+    cols = ("objects", *METHODS, "unused_prompts")
+    lines = ["Local prompts bound to masks by name (exact, normalised, similar, order; unbound "
+             "masks keep their mask with the caption as prompt):", "",
+             "| setting | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {v} | " + " | ".join(str(c.get(k, 0)) for k in cols) + " |"
+              for v, c in bindings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSET_ALL,
+                      bindings: dict[str, dict[str, int]] | None = None) -> str:
+    """One row per generation setting (the layout of the paper's Table 5); with
+    ``bindings`` (:func:`binding_counts` per setting) also how names were bound."""
     if not results:
         return "_no setting produced any output_\n"
     metrics = next(iter(results.values())).metrics
@@ -79,8 +115,10 @@ def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSE
                      + " | ".join(format_value(m, row.get(m)) for m in metrics) + " |")
     backbones = next(iter(results.values())).backbones
     lines += ["", "Backbones: " + "; ".join(f"{m}: {b}" for m, b in backbones.items())]
+    if bindings:
+        lines += ["", binding_markdown(bindings).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["MULTI", "SINGLE", "eval_items", "evaluate_variants", "settings_markdown",
-           "subset_of"]
+__all__ = ["MULTI", "SINGLE", "binding_counts", "binding_markdown", "eval_items",
+           "evaluate_variants", "settings_markdown", "subset_of"]
