@@ -9,6 +9,7 @@ work store every ``output.flush_rows`` rows or ``output.flush_seconds`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,8 +17,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -188,9 +190,29 @@ def _version_summary(version: DatasetVersion, published: Published | None) -> di
     return out
 
 
+class PrepGuard(Protocol):
+    """What a caller that may have to stop a prep run hooks in (the nightly rebuild's lock:
+    :class:`data_prep.rebuild.LockGuard`)."""
+
+    def check(self, before: str) -> None:
+        """Raise to stop before the step ``before`` names ("the pipeline", "publishing")."""
+
+    def watch(self) -> AbstractContextManager[None]:
+        """Held around the pipeline, while rows flow into the work store."""
+
+
+class _Unguarded:
+    def check(self, before: str) -> None:
+        pass
+
+    def watch(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
 def run_prep(cfg: PrepConfig, progress: bool = True, fail_after_rows: int | None = None,
-             track: bool = True) -> dict[str, Any]:
-    """Run the pipeline into the work store, then publish a dataset version from all of it."""
+             track: bool = True, guard: PrepGuard | None = None) -> dict[str, Any]:
+    """Run the pipeline into the work store, then publish a dataset version from all of it.
+    ``guard`` may stop the run before the pipeline or before publishing."""
     from ttm_ray.runtime import init_ray
 
     out = cfg.output_dir
@@ -200,7 +222,12 @@ def run_prep(cfg: PrepConfig, progress: bool = True, fail_after_rows: int | None
     start = time.perf_counter()
     started = init_ray(cfg.run)
     try:
-        summary = run_pipeline(cfg, inputs, progress, fail_after_rows)
+        guard = guard or _Unguarded()
+        guard.check("the pipeline")
+        with guard.watch():
+            summary = run_pipeline(cfg, inputs, progress, fail_after_rows)
+        # The last moment a stopped run can still leave no trace in the dataset root.
+        guard.check("publishing")
         version, published = publish(cfg)
     finally:
         if started:

@@ -22,7 +22,14 @@ overlapping, whatever started them (cron on a VM, a KubeRay CronJob, a person):
   one (the test of racing takers caught exactly that). The takeover is logged and kept in
   the status record;
 - a second rebuild waits up to ``lock.wait_s`` for it, then ends with status
-  ``already_running`` (the job's exit code 75).
+  ``already_running`` (the job's exit code 75);
+- while the pipeline runs, the heartbeat is tied to its progress: rows reaching the work store
+  (a new part file) count, and after ``lock.stall_s`` without any the heartbeats stop, so a
+  hung rebuild's lock goes stale and the next rebuild takes it over. The hung run, once it
+  gets that far, fails with "no progress for N s" (status record, webhook);
+- a rebuild checks that the lock is still its own before the pipeline, before publishing and
+  before retention: one whose lock was taken over stops with "lock lost" and publishes
+  nothing, leaving the new holder's lock and versions alone.
 
 Object stores (``s3://``) have no atomic create-if-absent: the dataset root must be a local or
 shared-filesystem path (the config is refused otherwise).
@@ -44,12 +51,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.config import PrepConfig
+from data_prep.writer import CLIPS_DIR, REJECTS_DIR
 from ttm_ray.config import config_hash, constrained
 from ttm_ray.dataset.versions import (
     latest_version,
@@ -70,6 +80,7 @@ LAST_STATUS = "last.json"
 STATUS_SCHEMA = "ttm-rebuild-status/1"
 WEBHOOK_ENV = "TTM_REBUILD_WEBHOOK_URL"
 WEBHOOK_TIMEOUT_S = 5.0
+WEBHOOK_SCHEMES = ("http", "https")
 JOB = "rebuild_dataset"
 
 
@@ -84,6 +95,11 @@ class LockConfig:
     wait_s: float = constrained(
         0.0, ge=0, help="0: if another rebuild holds the lock, end at once with status "
         "already_running (exit 75); >0: wait up to this many seconds for it first")
+    stall_s: float | None = constrained(
+        3600.0, gt=0, help="if the pipeline writes no rows to the work store for this long "
+        "(seconds), the heartbeats stop so the lock goes stale and the next rebuild takes "
+        "over; this run then fails with 'no progress'. Must exceed output.flush_seconds and "
+        "run.capacity_timeout_s (and model start-up); null: heartbeat regardless of progress")
 
     def validate(self) -> None:
         if self.heartbeat_s * 2 > self.ttl_s:
@@ -121,6 +137,20 @@ class RebuildConfig(PrepConfig):
                 f"{key} is {value!r}, a URI: a scheduled rebuild keeps its lock and status "
                 "records in the dataset root, which needs atomic file creation; use a local "
                 "or shared-filesystem path (an EFS/NFS/Filestore mount such as /mnt/shared/...)")
+        stall = self.rebuild.lock.stall_s
+        # Progress is seen when rows reach the work store: that happens at most every
+        # output.flush_seconds, and not at all while the pipeline waits for capacity.
+        quiet = max(self.output.flush_seconds, self.run.capacity_timeout_s)
+        if stall is not None and stall <= quiet:
+            raise ValueError(
+                f"rebuild.lock.stall_s ({stall:g}) must be more than output.flush_seconds "
+                f"({self.output.flush_seconds:g}) and run.capacity_timeout_s "
+                f"({self.run.capacity_timeout_s:g}): a healthy pipeline can write no rows "
+                "for that long; raise stall_s, lower those, or set stall_s to null")
+        # Found now (exit 2), not when a failure needs reporting.
+        webhook = os.environ.get(WEBHOOK_ENV, "").strip()
+        if webhook:
+            check_webhook_url(webhook)
 
     @property
     def dataset_root_source(self) -> tuple[str, str]:
@@ -193,17 +223,58 @@ class LockBusy(RuntimeError):
         super().__init__(f"{path} is held by another rebuild ({who})")
 
 
+class LockLost(RuntimeError):
+    """Our lock was taken over (or removed) while we ran: stop before changing the dataset."""
+
+    def __init__(self, path: Path, holder: dict | None, before: str,
+                 stalled: str | None) -> None:
+        self.holder = holder
+        records = path.parent / STATUS_DIR
+        if holder is None:
+            now = "was removed by someone else"
+        else:
+            now = (f"was taken over by rebuild {holder.get('run_id')} (host "
+                   f"{holder.get('host')}, pid {holder.get('pid')}, since "
+                   f"{holder.get('started_at')})")
+            records = records / f"{holder.get('run_id')}.json"
+        why = f" after this run's heartbeats stopped ({stalled})" if stalled else ""
+        super().__init__(
+            f"lock lost: {path} {now}{why}, before {before}. This run stops without "
+            "publishing and leaves that run's lock and versions alone; nothing needs "
+            f"cleaning up ({records} tells how the other run ends). If this run was only "
+            "slow, raise rebuild.lock.ttl_s (and stall_s) and check that host clocks agree")
+
+
+class LockStalled(RuntimeError):
+    """The pipeline made no progress for ``lock.stall_s``: our heartbeats stopped."""
+
+    def __init__(self, path: Path, stalled: str) -> None:
+        super().__init__(
+            f"{stalled}: the heartbeats of {path} stopped so that another rebuild can take "
+            "the lock over, and this run stops without publishing. Look for the hung stage "
+            "(Ray dashboard, job logs); if the pipeline is only slow to produce rows, raise "
+            "rebuild.lock.stall_s")
+
+
 class RebuildLock:
     """The lock file of one dataset root (see the module docstring for the protocol)."""
 
-    def __init__(self, path: Path, run_id: str, ttl_s: float, heartbeat_s: float) -> None:
+    def __init__(self, path: Path, run_id: str, ttl_s: float, heartbeat_s: float,
+                 stall_s: float | None = None) -> None:
         self.path = Path(path)
         self.run_id, self.ttl_s, self.heartbeat_s = run_id, ttl_s, heartbeat_s
+        self.stall_s = stall_s
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.started_at = _now_iso()
         self.takeover: dict | None = None  # {"previous": lock JSON, "reason": ..., "at": ...}
         self.lost = False  # someone else took our lock over (we looked stale to them)
+        self.stalled: str | None = None  # "no progress for N s": heartbeats stopped
         self.waited_s = 0.0
+        # The stall watchdog, armed by watch(): last progress, and a probe of it.
+        self._watching = False
+        self._progress_at = time.monotonic()
+        self._probe: Callable[[], object] | None = None
+        self._mark: object = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -315,8 +386,66 @@ class RebuildLock:
                                         daemon=True)
         self._thread.start()
 
+    # -- progress: the heartbeat only vouches for a run that moves
+    @contextlib.contextmanager
+    def watch(self, probe: Callable[[], object] | None = None) -> Iterator[None]:
+        """Within this block, beat only while there is progress: :meth:`progress` calls or
+        a change in what ``probe()`` returns (checked once per heartbeat, so keep it cheap).
+        After ``stall_s`` without either the heartbeats stop for good."""
+        self._probe = probe
+        self._mark = self._probe_mark()
+        self._progress_at = time.monotonic()
+        self._watching = True
+        try:
+            yield
+        finally:
+            self._watching, self._probe = False, None
+
+    def progress(self) -> None:
+        """The pipeline moved (rows or blocks done). Cheap, no I/O: call it per batch. Raises
+        once the lock was lost or the run declared stalled, so a loop calling it stops."""
+        self._progress_at = time.monotonic()
+        if self.lost or self.stalled:
+            self.check("going on")
+
+    def _probe_mark(self) -> object:
+        probe = self._probe  # watch() may clear it from the other thread
+        try:
+            return probe() if probe is not None else None
+        except OSError:  # a shared-filesystem hiccup is no progress, and no crash either
+            return self._mark
+
+    def _stall(self) -> str | None:
+        """``no progress for N s ...`` once the watched run has idled past ``stall_s``."""
+        if not self._watching or self.stall_s is None:
+            return None
+        mark = self._probe_mark()
+        if mark != self._mark:
+            self._mark, self._progress_at = mark, time.monotonic()
+        idle = time.monotonic() - self._progress_at
+        if idle <= self.stall_s:
+            return None
+        return f"no progress for {idle:.1f} s (rebuild.lock.stall_s={self.stall_s:g})"
+
+    def check(self, before: str) -> None:
+        """Raise :class:`LockLost` unless the lock file still names this run, or
+        :class:`LockStalled` if the heartbeats stopped. Called before each step that changes
+        the dataset root (``before`` names it), so a run that lost its lock changes nothing."""
+        current = read_lock(self.path)
+        if not current or current.get("run_id") != self.run_id:
+            self.lost = True
+            raise LockLost(self.path, current, before, self.stalled)
+        if self.stalled:
+            raise LockStalled(self.path, self.stalled)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            stalled = self._stall()
+            if stalled:  # stop vouching for a hung run: the lock goes stale after ttl_s
+                self.stalled = stalled
+                log.error("rebuild lock: %s; heartbeats of %s stop, so the lock goes stale "
+                          "and the next rebuild can take it over", stalled, self.path)
+                return
             current = read_lock(self.path)
             if not current or current.get("run_id") != self.run_id:
                 self.lost = True
@@ -377,12 +506,36 @@ def _redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}{port}/..."
 
 
+def check_webhook_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is an http(s) URL with a host: urllib would also
+    "POST" to file:// or ftp:// URLs. The message names the scheme, never the URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise ValueError(f"${WEBHOOK_ENV} is not a valid URL; set it to the webhook's "
+                         "https://host/... URL, or unset it") from None
+    if parts.scheme in WEBHOOK_SCHEMES and parts.hostname:
+        return
+    got = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+    if parts.scheme in WEBHOOK_SCHEMES:
+        got = "no host"
+    raise ValueError(
+        f"${WEBHOOK_ENV} has {got}: the failure webhook accepts http:// and https:// URLs "
+        "only; set it to the webhook's full https://host/... URL as the receiving service "
+        "gives it, or unset it")
+
+
 def notify_failure(record: dict) -> dict | None:
     """POST a small JSON payload to ``$TTM_REBUILD_WEBHOOK_URL`` if set. Never raises: a
     broken webhook is logged and recorded, the rebuild's own error stays the one reported."""
     url = os.environ.get(WEBHOOK_ENV, "").strip()
     if not url:
         return None
+    try:  # the config check refuses such a URL; the environment may have changed since
+        check_webhook_url(url)
+    except ValueError as exc:
+        log.warning("rebuild: failure webhook not called: %s", exc)
+        return {"sent": False, "error": str(exc)}
     payload = {k: record.get(k) for k in ("job", "status", "error", "dataset_root", "host",
                                           "run_id", "started_at", "ended_at")}
     payload["error"] = (payload["error"] or "")[:2000]
@@ -433,6 +586,34 @@ def apply_retention(root: Path, keep: int | None) -> list[str]:
     return prune_versions(root, keep) if keep else []
 
 
+def work_store_mark(work_dir: Path) -> tuple[int, ...]:
+    """Changes whenever the pipeline writes a part (rows reached the work store): the
+    modification times of the work store's two folders, one stat each."""
+    mark = []
+    for sub in (CLIPS_DIR, REJECTS_DIR):
+        try:
+            mark.append(os.stat(Path(work_dir) / sub).st_mtime_ns)
+        except FileNotFoundError:
+            mark.append(0)
+    return tuple(mark)
+
+
+class LockGuard:
+    """The rebuild's lock as ``run_prep``'s guard: checked before the pipeline and right
+    before publishing; its heartbeat follows the pipeline's progress. ``run_pipeline`` has no
+    per-batch callback, so progress is observed where it lands: a new part in the work store
+    (at least every ``output.flush_seconds`` while rows flow)."""
+
+    def __init__(self, lock: RebuildLock, work_dir: Path) -> None:
+        self.lock, self.work_dir = lock, work_dir
+
+    def check(self, before: str) -> None:
+        self.lock.check(before)
+
+    def watch(self) -> AbstractContextManager[None]:
+        return self.lock.watch(lambda: work_store_mark(self.work_dir))
+
+
 COUNT_KEYS = ("inputs", "already_done", "new_clips", "new_rejects", "kept", "rejected",
               "rejected_permanent", "rejected_transient", "isolated_inputs")
 
@@ -441,7 +622,8 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
             track: bool = True) -> dict[str, Any]:
     """One scheduled rebuild; returns its status record (also written under
     ``<dataset_root>/rebuilds/``). Status ``already_running`` is returned, not raised; a
-    failure is recorded, notified, and then re-raised."""
+    failure is recorded, notified, and then re-raised (a lost lock or a stalled pipeline
+    too: :class:`LockLost`, :class:`LockStalled`)."""
     from data_prep.job import run_prep
 
     root = cfg.dataset_root
@@ -458,8 +640,10 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
         "prep_mlflow_run_id": None, "webhook": None, "traceback": None,
     }
     settings = cfg.rebuild.lock
-    lock = RebuildLock(root / LOCK_NAME, record["run_id"], settings.ttl_s, settings.heartbeat_s)
-    record["lock"] = {"path": str(lock.path), "wait_s": settings.wait_s}
+    lock = RebuildLock(root / LOCK_NAME, record["run_id"], settings.ttl_s, settings.heartbeat_s,
+                       settings.stall_s)
+    record["lock"] = {"path": str(lock.path), "wait_s": settings.wait_s,
+                      "stall_s": settings.stall_s}
     try:
         lock.acquire(settings.wait_s)
     except LockBusy as busy:
@@ -476,7 +660,7 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
         prep_cfg = dataclasses.replace(
             cfg, publish=dataclasses.replace(cfg.publish, keep_versions=None))
         summary = run_prep(prep_cfg, progress=progress, fail_after_rows=fail_after_rows,
-                           track=track)
+                           track=track, guard=LockGuard(lock, cfg.work_dir))
         record.update(published=summary["published"], dataset_version=summary["dataset_version"],
                       prep_mlflow_run_id=summary.get("mlflow_run_id"),
                       counts={k: summary.get(k) for k in COUNT_KEYS})
@@ -485,6 +669,7 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
             raise RuntimeError(
                 f"{stage_errors} rows hit a stage bug (reject_reason=stage_error in "
                 f"{summary['dataset_version']}); retention skipped")
+        lock.check("retention")  # pruning under another run's lock could delete its input
         record["pruned_versions"] = apply_retention(root, cfg.keep_versions)
         record["status"] = SUCCEEDED
     except BaseException as exc:  # KeyboardInterrupt too (SIGTERM from `ray job stop`)
@@ -493,8 +678,9 @@ def rebuild(cfg: RebuildConfig, progress: bool = True, fail_after_rows: int | No
         raise
     finally:
         try:  # the status record is written while we still hold the lock
-            record["lock"]["lost"] = lock.lost
-            _finish(cfg, record, t0, track, last=True)
+            record["lock"].update(lost=lock.lost, stalled=lock.stalled)
+            # last.json belongs to whoever holds the lock: not ours to write once it is lost
+            _finish(cfg, record, t0, track, last=not lock.lost)
         finally:
             lock.release()
     return record
@@ -545,4 +731,5 @@ def job_summary(record: dict) -> dict[str, Any]:
 
 
 __all__ = ["ALREADY_RUNNING", "EXIT_ALREADY_RUNNING", "FAILED", "SUCCEEDED", "LockBusy",
-           "RebuildConfig", "RebuildLock", "job_summary", "read_status", "rebuild"]
+           "LockLost", "LockStalled", "RebuildConfig", "RebuildLock", "check_webhook_url",
+           "job_summary", "read_status", "rebuild"]

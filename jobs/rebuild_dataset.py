@@ -9,12 +9,16 @@ Takes the same config as `ttm-ray prep` (a `kind: prep` file works as is) plus a
      makes this one wait up to rebuild.lock.wait_s (default 0), then exit 75;
   2. runs the incremental pipeline: only inputs not yet in the work store are processed; a
      new version is published atomically, or none when nothing changed. A crash leaves
-     `latest` on the previous version;
+     `latest` on the previous version. While the pipeline runs, the heartbeat needs progress
+     (rows reaching the work store): after rebuild.lock.stall_s without any it stops, the
+     lock goes stale for the next rebuild, and this run fails with "no progress for N s".
+     The lock is checked before the pipeline, before publishing and before retention: a
+     run whose lock was taken over fails with "lock lost" and publishes nothing;
   3. on success, keeps the newest rebuild.retention.keep_versions versions (null:
      publish.keep_versions; the one `latest` names is never deleted);
   4. writes <dataset_root>/rebuilds/<run_id>.json and rebuilds/last.json, logs an MLflow
      run (tag ttm.kind=rebuild) and, on failure, POSTs JSON to $TTM_REBUILD_WEBHOOK_URL
-     if set.
+     if set (http:// or https:// only; anything else is a configuration error).
 The dataset root must be a local or shared-filesystem path (EFS/NFS), not s3:// etc.
 
 Exit codes: 0 succeeded (also when nothing was new), 1 failed, 2 invalid configuration,

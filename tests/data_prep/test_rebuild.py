@@ -1,7 +1,9 @@
 """Scheduled rebuilds (data_prep/rebuild.py, jobs/rebuild_dataset.py): the lock (exclusive,
-heartbeat, stale takeover by dead pid or old heartbeat, one winner among racing takers),
-concurrent invocations, a crash that leaves `latest` alone and calls the webhook, retention,
-an incremental rebuild with status records and MLflow runs, and the job's exit codes."""
+heartbeat, stale takeover by dead pid or old heartbeat, one winner among racing takers, a
+heartbeat that stops when the pipeline stalls), concurrent invocations, a crash that leaves
+`latest` alone and calls the webhook, a run that lost its lock or stalled and so publishes
+nothing, retention, an incremental rebuild with status records and MLflow runs, the webhook
+URL check, and the job's exit codes."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -29,12 +31,16 @@ from data_prep.rebuild import (
     SUCCEEDED,
     WEBHOOK_ENV,
     LockBusy,
+    LockLost,
+    LockStalled,
     RebuildConfig,
     RebuildLock,
     apply_retention,
+    notify_failure,
     read_lock,
     read_status,
     rebuild,
+    work_store_mark,
 )
 from data_prep.synthetic import generate_corpus
 from ttm_ray.config import ConfigError, from_dict
@@ -66,9 +72,18 @@ def plant_lock(root: Path, host: str, pid: int, heartbeat: float, run_id: str = 
     return path
 
 
-def new_lock(root: Path, run_id: str, ttl_s: float = 5.0, heartbeat_s: float = 0.1
-             ) -> RebuildLock:
-    return RebuildLock(root / LOCK_NAME, run_id, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
+def new_lock(root: Path, run_id: str, ttl_s: float = 5.0, heartbeat_s: float = 0.1,
+             stall_s: float | None = None) -> RebuildLock:
+    return RebuildLock(root / LOCK_NAME, run_id, ttl_s=ttl_s, heartbeat_s=heartbeat_s,
+                       stall_s=stall_s)
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 30.0) -> None:
+    """Poll until ``condition()`` holds; the timeout only bounds a broken test."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
 
 
 def fake_version(root: Path) -> str:
@@ -204,6 +219,75 @@ def test_a_lock_taken_from_a_stalled_holder_is_noticed_and_not_deleted(tmp_path:
     assert read_lock(tmp_path / LOCK_NAME)["run_id"] == "rb-other"  # theirs stays
 
 
+def test_heartbeat_follows_progress_and_stops_when_the_pipeline_stalls(tmp_path: Path) -> None:
+    lock = new_lock(tmp_path, "rb-slow", stall_s=0.5)
+    lock.acquire()
+    time.sleep(0.8)  # not watched (e.g. publishing): no progress needed to keep beating
+    assert lock.stalled is None
+    with lock.watch():
+        calls = 0
+        beat_before = read_lock(lock.path)["heartbeat_at"]
+        while calls < 30:  # 1.5 s of a pipeline that moves: 3 x stall_s
+            lock.progress()
+            calls += 1
+            time.sleep(0.05)
+        assert lock.stalled is None
+        assert read_lock(lock.path)["heartbeat_at"] > beat_before
+        wait_for(lambda: lock.stalled)  # then it hangs: no more progress
+    assert lock.stalled.startswith("no progress for ")
+    assert "rebuild.lock.stall_s=0.5" in lock.stalled
+    frozen = read_lock(lock.path)
+    time.sleep(0.4)  # 4 heartbeat periods: none comes, so the lock will go stale
+    assert read_lock(lock.path) == frozen
+    with pytest.raises(LockStalled, match=r"^no progress for [\d.]+ s .*heartbeats of .*"
+                                          r"rebuild\.lock .*raise rebuild\.lock\.stall_s"):
+        lock.check("publishing")
+    with pytest.raises(LockStalled):  # the pipeline's own call stops it too
+        lock.progress()
+    lock.release()
+    assert not lock.path.exists()  # still ours: released at once, no need to go stale
+
+
+def test_parts_reaching_the_work_store_count_as_progress(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    (work / "clips").mkdir(parents=True)
+    lock = new_lock(tmp_path / "dataset", "rb-writer", stall_s=0.5)
+    lock.acquire()
+    with lock.watch(lambda: work_store_mark(work)):
+        for i in range(15):  # a part every 0.1 s for 1.5 s, the way PartWriter writes them
+            tmp = work / "clips" / f".part-{i:05d}.parquet.tmp"
+            tmp.write_bytes(b"rows")
+            os.replace(tmp, work / "clips" / f"part-{i:05d}.parquet")
+            time.sleep(0.1)
+        assert lock.stalled is None
+        wait_for(lambda: lock.stalled)  # no more parts
+    lock.release()
+    assert work_store_mark(tmp_path / "none") == (0, 0)  # before the work store exists
+
+
+def test_a_stalled_holder_is_taken_over_and_then_knows_it_lost_the_lock(tmp_path: Path) -> None:
+    hung = new_lock(tmp_path, "rb-hung", ttl_s=1.0, stall_s=0.3)
+    hung.acquire()
+    with hung.watch():
+        wait_for(lambda: hung.stalled)
+        # a later rebuild finds the lock stale once its last heartbeat is ttl_s old
+        taker = new_lock(tmp_path, "rb-taker", ttl_s=1.0)
+        taker.acquire(wait_s=30)
+        assert taker.takeover["previous"]["run_id"] == "rb-hung"
+        assert "heartbeat" in taker.takeover["reason"]
+        with pytest.raises(LockLost) as lost:
+            hung.progress()
+    message = str(lost.value)
+    assert message.startswith(f"lock lost: {hung.path} was taken over by rebuild rb-taker ")
+    assert f"pid {os.getpid()}" in message and "no progress for" in message
+    assert "before going on" in message and "rebuild.lock.ttl_s" in message
+    assert str(tmp_path / STATUS_DIR / "rb-taker.json") in message
+    assert hung.lost and lost.value.holder["run_id"] == "rb-taker"
+    hung.release()
+    assert read_lock(taker.path)["run_id"] == "rb-taker"  # the new holder's lock stays
+    taker.release()
+
+
 def test_retention_never_deletes_latest(tmp_path: Path) -> None:
     names = [fake_version(tmp_path) for _ in range(4)]
     (tmp_path / LATEST).write_text(names[0] + "\n")  # rolled back by an operator
@@ -228,6 +312,57 @@ def test_uri_dataset_root_and_bad_lock_timing_are_config_errors() -> None:
     cfg = load_config(RebuildConfig, REPO / "jobs/configs/prep/production.yaml",
                       ["rebuild.lock.ttl_s=120"])
     assert cfg.kind == "prep" and cfg.rebuild.lock.ttl_s == 120 and cfg.keep_versions == 10
+
+
+def test_stall_s_must_outlast_what_a_healthy_pipeline_spends_without_rows() -> None:
+    assert from_dict(RebuildConfig, {}).rebuild.lock.stall_s == 3600
+    with pytest.raises(ConfigError, match=r"rebuild\.lock\.stall_s \(600\) must be more than "
+                                          r"output\.flush_seconds \(30\) and "
+                                          r"run\.capacity_timeout_s \(900\)"):
+        from_dict(RebuildConfig, {"rebuild": {"lock": {"stall_s": 600}}})
+    with pytest.raises(ConfigError, match=r"rebuild\.lock\.stall_s \(20\) must be more.*"
+                                          r"output\.flush_seconds \(30\)"):
+        from_dict(RebuildConfig, {"rebuild": {"lock": {"stall_s": 20}},
+                                  "run": {"capacity_timeout_s": 0}})
+    with pytest.raises(ConfigError, match=r"rebuild\.lock\.stall_s"):
+        from_dict(RebuildConfig, {"rebuild": {"lock": {"stall_s": 0}}})
+    assert from_dict(RebuildConfig, {"rebuild": {"lock": {"stall_s": None}}}
+                     ).rebuild.lock.stall_s is None  # off: heartbeats as long as alive
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("ftp://hooks.example.com/s3cr3t", "scheme 'ftp'"),
+    ("file:///etc/s3cr3t", "scheme 'file'"),
+    ("hooks.example.com/s3cr3t", "no scheme"),
+    ("https:///s3cr3t", "no host"),
+])
+def test_webhook_url_must_be_http_and_is_never_echoed(
+        monkeypatch: pytest.MonkeyPatch, url: str, problem: str) -> None:
+    monkeypatch.setenv(WEBHOOK_ENV, url)
+    with pytest.raises(ConfigError) as bad:
+        from_dict(RebuildConfig, {})
+    message = str(bad.value)
+    assert f"${WEBHOOK_ENV} has {problem}: the failure webhook accepts http:// and " \
+           "https:// URLs only" in message
+    assert "set it to the webhook's full https://host/... URL" in message
+    assert "s3cr3t" not in message
+
+
+def test_webhook_posts_to_http_and_refuses_other_schemes_at_send_time(
+        webhook: list[dict], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from_dict(RebuildConfig, {})  # the fixture's http://127.0.0.1:<port>/... passes the check
+    record = {"job": "rebuild_dataset", "status": FAILED, "error": "lock lost: ...",
+              "run_id": "rb-x"}
+    assert notify_failure(record) == {"sent": True, "http_status": 204}
+    assert webhook[0]["error"] == "lock lost: ..." and webhook[0]["run_id"] == "rb-x"
+    # the environment changed after the config was checked: refused, not sent anywhere
+    port = os.environ[WEBHOOK_ENV].split(":")[2].split("/")[0]
+    monkeypatch.setenv(WEBHOOK_ENV, f"ftp://127.0.0.1:{port}/hook/s3cr3t")
+    sent = notify_failure(record)
+    assert sent["sent"] is False and "scheme 'ftp'" in sent["error"]
+    assert len(webhook) == 1 and "failure webhook not called" in caplog.text
+    assert "s3cr3t" not in json.dumps(sent) and "s3cr3t" not in caplog.text
 
 
 # ---------------------------------------------------------------- rebuilds on local Ray
@@ -386,6 +521,77 @@ def test_concurrent_rebuilds_one_runs_one_is_already_running_one_waits(
     assert list_versions(root) == [results["first"]["dataset_version"]]
     assert read_status(root, skipped["run_id"])["status"] == ALREADY_RUNNING
     assert read_status(root)["run_id"] == waited["run_id"]  # last.json: the last lock holder
+
+
+def rebuild_in_thread(cfg: RebuildConfig) -> tuple[threading.Thread, dict]:
+    """Run ``rebuild(cfg)`` in a thread; the dict gets its record or its exception."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["record"] = rebuild(cfg, progress=False, track=False)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.slow
+def test_a_rebuild_whose_lock_was_taken_over_publishes_nothing(
+        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict]) -> None:
+    out = tmp_path / "prep"
+    root = out / "dataset"
+    before = fake_version(root)
+    cfg = rebuild_config(first_n(corpus, 2), out)
+    thread, outcome = rebuild_in_thread(cfg)
+    # The pipeline has started once its work store exists: another rebuild takes the lock
+    # over now (as if this one had looked stale) and publishes a version of its own.
+    wait_for(lambda: (cfg.work_dir / "clips").is_dir() or not thread.is_alive())
+    plant_lock(root, "other-host", 4242, time.time(), run_id="rb-new-holder")
+    theirs = fake_version(root)
+    thread.join(timeout=300)
+
+    assert isinstance(outcome.get("error"), LockLost), outcome
+    message = str(outcome["error"])
+    assert message.startswith(f"lock lost: {root / LOCK_NAME} was taken over by rebuild "
+                              "rb-new-holder (host other-host, pid 4242")
+    assert "before publishing" in message
+    # nothing of the other run's was touched: its lock, its version, `latest`, last.json
+    assert read_lock(root / LOCK_NAME)["run_id"] == "rb-new-holder"
+    assert list_versions(root) == [before, theirs] and latest_version(root) == theirs
+    assert not (root / STATUS_DIR / "last.json").exists()
+    (status_file,) = (root / STATUS_DIR).iterdir()
+    status = json.loads(status_file.read_text())
+    assert status["status"] == FAILED and status["error"].startswith("LockLost: lock lost: ")
+    assert status["lock"]["lost"] is True and status["published"] is None
+    assert len(webhook) == 1 and webhook[0]["error"].startswith("LockLost: lock lost: ")
+    assert webhook[0]["run_id"] == status["run_id"]
+
+
+@pytest.mark.slow
+def test_a_rebuild_whose_pipeline_stalls_fails_with_no_progress_and_notifies(
+        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict]) -> None:
+    out = tmp_path / "prep"
+    root = out / "dataset"
+    before = fake_version(root)
+    # stall_s below what starting Ray Data and the first part take: the pipeline "hangs"
+    cfg = rebuild_config(first_n(corpus, 2), out, **{
+        "rebuild": {"lock": {"ttl_s": 30, "heartbeat_s": 0.1, "stall_s": 0.5}},
+        "output": {"dir": str(out), "flush_seconds": 0.2},
+        "run": {"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "capacity_timeout_s": 0}})
+    with pytest.raises(LockStalled, match=r"^no progress for [\d.]+ s \(rebuild\.lock\."
+                                          r"stall_s=0\.5\): the heartbeats of .* stopped"):
+        rebuild(cfg, progress=False, track=False)
+    failed = read_status(root)
+    assert failed["status"] == FAILED and "no progress for" in failed["error"]
+    assert failed["lock"]["stalled"].startswith("no progress for")
+    assert failed["lock"]["lost"] is False  # nobody took it over in the meantime
+    assert list_versions(root) == [before] and failed["published"] is None
+    assert len(webhook) == 1 and "no progress for" in webhook[0]["error"]
+    assert not (root / LOCK_NAME).exists()  # still its own lock: released on the way out
 
 
 # ------------------------------------------------------------------------- the job's CLI
