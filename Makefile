@@ -21,8 +21,11 @@ quickstart: setup
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
+## lint: ruff, then hadolint on the image's Dockerfile (ignored rules, with their reasons, in
+## cluster/docker/.hadolint.yaml).
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/hadolint --config cluster/docker/.hadolint.yaml cluster/docker/Dockerfile
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
