@@ -303,3 +303,58 @@ def test_without_kubernetes_schemas_problems_not_tracebacks(
     cron = str(REPO / "cluster" / "kuberay" / "cronjob-rebuild.yaml")
     assert any(p.file == cron and p.message.startswith("no schema for CronJob")
                for p in problems)
+
+
+def test_efa_on_the_training_node_types(tree: tuple[Path, Path]) -> None:
+    """A p4de node type without its EFA interfaces, devices, memlock or libfabric env is a
+    problem in both the launcher YAML and the RayCluster, named by field."""
+    cluster_dir, configs = tree
+    aws, rc = cluster_dir / "aws.yaml", cluster_dir / "kuberay" / "raycluster.yaml"
+
+    def strip_launcher(c: dict) -> None:
+        train = c["available_node_types"]["train_a100"]
+        train["node_config"]["NetworkInterfaces"] = train["node_config"][
+            "NetworkInterfaces"][:3]
+        del train["node_config"]["NetworkInterfaces"][0]["Groups"]
+        train["docker"]["worker_run_options"] = ["--gpus all", "--env FI_PROVIDER=efa"]
+
+    def strip_kuberay(d: dict) -> None:
+        container = d["spec"]["workerGroupSpecs"][2]["template"]["spec"]["containers"][0]
+        del container["resources"]["limits"]["vpc.amazonaws.com/efa"]
+        container["env"] = [e for e in container["env"] if e["name"] != "FI_EFA_FORK_SAFE"]
+
+    edit(aws, strip_launcher)
+    edit(rc, strip_kuberay)
+    problems = validate_cluster(cluster_dir, configs)
+    launcher = [p for p in problems if p.file == str(aws)]
+    at = "available_node_types.train_a100"
+    messages = {(p.field, p.message) for p in launcher}
+    assert (f"{at}.node_config.NetworkInterfaces", "p4de.24xlarge needs 4 EFA interfaces on "
+            "NetworkCardIndex 0..3, got cards [0, 1, 2]") in messages
+    assert any(f == f"{at}.node_config.NetworkInterfaces[0]" and "SubnetId and Groups" in m
+               for f, m in messages)
+    runs = " | ".join(m for f, m in messages if f == f"{at}.docker.worker_run_options")
+    assert "--device /dev/infiniband" in runs and "memlock" in runs
+    assert "FI_EFA_USE_DEVICE_RDMA=1" in runs and "FI_PROVIDER" not in runs
+    kuberay = fields(problems, rc)
+    where = "spec.workerGroupSpecs[2].template.spec.containers[0]"
+    assert "vpc.amazonaws.com/efa" in kuberay[f"{where}.resources.limits"]
+    assert f"{where}.resources.requests" not in kuberay
+    assert kuberay[f"{where}.env"] == "set FI_EFA_FORK_SAFE=1 (NCCL over EFA)"
+    # A node type on a non-EFA instance (the L40S inference group) is not asked for any.
+    assert not any("gpu_infer" in p.field for p in problems)
+
+
+def test_shipped_training_nodes_carry_efa() -> None:
+    """The shipped p4de node types declare what the EFA checks look for (so the clean run
+    above is not clean because the checks matched nothing)."""
+    from ttm_ray.ops.efa_policy import EFA_INTERFACES, launcher_efa
+
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    train = aws["available_node_types"]["train_a100"]
+    assert EFA_INTERFACES[train["node_config"]["InstanceType"]] == 4
+    assert [i["NetworkCardIndex"] for i in train["node_config"]["NetworkInterfaces"]] == [
+        0, 1, 2, 3]
+    del train["node_config"]["Placement"]
+    assert [p.field for p in launcher_efa(aws, "aws.yaml")] == [
+        "available_node_types.train_a100.node_config.Placement"]

@@ -29,6 +29,9 @@ What is checked against what:
   files named ``_*`` skipped) is offered by some node type of *each* cluster definition,
   one actor's or worker's bundle fits on one node, and ``scaling.num_workers`` fit in the
   node types' max counts.
+- **EFA on training nodes** (``ttm_ray.ops.efa_policy``): a node type on p4d/p4de/p5 has
+  one EFA interface per network card, a placement group, the EFA devices, memlock and
+  libfabric env in the container (KubeRay: the ``vpc.amazonaws.com/efa`` resource).
 
 Not checked (only a cloud or an API server knows): that instance/machine types, AMIs,
 images, IAM names, storage classes exist; quotas; CRD CEL rules and admission webhooks;
@@ -60,6 +63,7 @@ from ttm_ray.ops.cluster_policy import (
     read_image,
 )
 from ttm_ray.ops.cluster_schemas import ManifestSchemas, ray_launcher_schema, schema_problems
+from ttm_ray.ops.efa_policy import launcher_efa, raycluster_efa
 from ttm_ray.ops.problems import Problem, field_path
 
 SCHEMA_DIR = Path("kuberay") / "schemas"
@@ -134,6 +138,7 @@ def check_launcher(cfg: dict, file: str, image: str | None) -> list[Problem]:
             out.append(Problem(file, field_path(("available_node_types", name, "min_workers")),
                                f"{low} is above max_workers {high}"))
     out.extend(launcher_policy(cfg, file, image))
+    out.extend(launcher_efa(cfg, file))
     return out
 
 
@@ -152,10 +157,12 @@ def check_manifest(doc: dict, path: Path, file: str, schemas: ManifestSchemas,
         clusters.append(kuberay_cluster(spec, f"{file} (RayCluster {name})", file,
                                         ("spec",), out))
         out.extend(raycluster_policy(spec, file, ("spec",)))
+        out.extend(raycluster_efa(spec, file, ("spec",)))
     elif kind == "RayJob" and isinstance(spec.get("rayClusterSpec"), dict):
         clusters.append(kuberay_cluster(spec["rayClusterSpec"], f"{file} (RayJob {name})",
                                         file, ("spec", "rayClusterSpec"), out))
         out.extend(raycluster_policy(spec["rayClusterSpec"], file, ("spec", "rayClusterSpec")))
+        out.extend(raycluster_efa(spec["rayClusterSpec"], file, ("spec", "rayClusterSpec")))
     elif kind == "Kustomization":
         out.extend(kustomization_checks(doc, path, file, image))
     elif kind == "Secret":
