@@ -30,6 +30,7 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     """Generate (unless skipped), score, report and log one evaluation config."""
     from jobs.generate import generate_items
     from ttm_ray.config import ConfigError, write_effective_config
+    from ttm_ray.evaluation import registry
     from ttm_ray.evaluation.benchmark import binding_counts, evaluate_variants, settings_markdown
     from ttm_ray.evaluation.report import log_to_mlflow, write_report
     from ttm_ray.inference.items import load_items
@@ -40,7 +41,7 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
         items = load_items(cfg.manifest)
     except ValueError as exc:
         raise ConfigError([f"manifest: {exc}"]) from exc
-    need_ref = [m for m in cfg.evaluation.metrics if m in ("fvd", "viclip_v")]
+    need_ref = [m for m in cfg.evaluation.metrics if registry.get(m).needs_reference]
     no_ref = [i.item_id for i in items if not i.reference_video]
     if need_ref and no_ref:
         raise ConfigError([f"evaluation.metrics: {need_ref} compare with reference videos; "

@@ -3,7 +3,11 @@
 Every backbone loads from a local path and is named in the results; see
 :mod:`ttm_ray.evaluation.config` for the entry point and :mod:`ttm_ray.evaluation.video` for
 the input convention (``[T, H, W, 3]`` RGB, uint8 or float in [0, 1], or a file path).
-Submodules import their heavy dependencies (transformers, torchvision) only where used.
+Each metric describes itself (:class:`~ttm_ray.evaluation.metric.Metric`: label, decimals,
+what it needs, per video or per set, how its scorer is built) in its own module, and
+:mod:`ttm_ray.evaluation.registry` lists them: config, evaluator, report and the evaluate job
+read that list. Submodules import their heavy dependencies (transformers, torchvision) only
+where used.
 
 Example (tiny random backbones from :mod:`ttm_ray.evaluation.tiny`; real runs point the same
 keys at real weights)::

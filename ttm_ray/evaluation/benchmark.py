@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ttm_ray.evaluation.config import EvalItem, Evaluator
-from ttm_ray.evaluation.report import LABELS, SUBSET_ALL, EvaluationResults, format_value
+from ttm_ray.evaluation.report import SUBSET_ALL, EvaluationResults, column, format_value
 from ttm_ray.inference.items import GenerationItem, load_pixels
 from ttm_ray.inference.name_binding import METHODS
 from ttm_ray.inference.outputs import is_done, item_dir, read_record
@@ -107,7 +107,7 @@ def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSE
     if not results:
         return "_no setting produced any output_\n"
     metrics = next(iter(results.values())).metrics
-    lines = ["| setting | videos | " + " | ".join(LABELS[m] for m in metrics) + " |",
+    lines = ["| setting | videos | " + " | ".join(column(m) for m in metrics) + " |",
              "|---|---:|" + "---:|" * len(metrics)]
     for v, res in results.items():
         row = res.subsets.get(subset, {})

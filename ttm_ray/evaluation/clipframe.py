@@ -16,6 +16,7 @@ import torch
 
 from ttm_ray.config import constrained
 from ttm_ray.evaluation.clip_embed import ClipEmbedder, load_clip, temporal_consistency
+from ttm_ray.evaluation.metric import Metric, PerItemScorer
 from ttm_ray.evaluation.video import VideoLike, to_uint8
 from ttm_ray.evaluation.weights import CONFIG_KEY, random_model_dir, require_model_dir
 
@@ -66,4 +67,11 @@ class ClipFrame:
         return mean
 
 
-__all__ = ["ClipFrame", "ClipFrameConfig"]
+def _scorer(clipframe: ClipFrame) -> PerItemScorer:
+    return PerItemScorer(clipframe.name, lambda batch: [clipframe(v) for v in batch.videos])
+
+
+CLIPFRAME = Metric(name="clipframe", label="CLIPFrame", decimals=3, higher_is_better=True,
+                   section="clip", build=_scorer)
+
+__all__ = ["CLIPFRAME", "ClipFrame", "ClipFrameConfig"]

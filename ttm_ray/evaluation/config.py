@@ -9,33 +9,29 @@ video, caption and subset) from any iterable - a generator keeps memory at
 * per subset and over all: FVD of the generated set against the reference set (needs
   ``reference``; None below two videos, where a covariance does not exist).
 
+Which metrics exist, what each needs and whether it is per video or per set is declared by
+the metric itself and listed in :mod:`ttm_ray.evaluation.registry`; nothing here names one.
 Every backbone is loaded in ``build()``, so a missing path fails before any video is read,
 with the config key and the fix in the message.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import Any
 
 from ttm_ray.config import constrained
-from ttm_ray.evaluation.clipframe import ClipFrame, ClipFrameConfig
-from ttm_ray.evaluation.displacement import Displacement, FlowConfig
-from ttm_ray.evaluation.fvd import Fvd, FvdConfig, fvd_from_features
-from ttm_ray.evaluation.report import METRICS, SUBSET_ALL, EvaluationResults
-from ttm_ray.evaluation.viclip import ViClip, ViClipConfig
+from ttm_ray.evaluation import registry
+from ttm_ray.evaluation.clipframe import ClipFrameConfig
+from ttm_ray.evaluation.displacement import FlowConfig
+from ttm_ray.evaluation.fvd import FvdConfig
+from ttm_ray.evaluation.metric import Batch, Metric, Scorer
+from ttm_ray.evaluation.report import SUBSET_ALL, EvaluationResults
+from ttm_ray.evaluation.viclip import ViClipConfig
 from ttm_ray.evaluation.video import VideoLike, to_uint8
 from ttm_ray.evaluation.weights import CONFIG_KEY, resolve_device
-
-log = logging.getLogger(__name__)
-
-Metric = Literal["fvd", "clipframe", "viclip_t", "viclip_v", "ad"]
-_NEED_REFERENCE = ("fvd", "viclip_v")
 
 
 @dataclass
@@ -52,11 +48,18 @@ class EvalItem:
 
 @dataclass
 class EvaluationConfig:
-    """Which metrics, on which device, with which backbones (each loaded from a local path)."""
+    """Which metrics, on which device, with which backbones (each loaded from a local path).
 
-    metrics: list[Metric] = constrained(  # noqa: RUF009 - returns a dataclasses.field
-        default_factory=lambda: list(METRICS), nonempty=True,
-        help="any of fvd, clipframe, viclip_t, viclip_v, ad; only the backbones of these are "
+    Metric names are checked against :mod:`ttm_ray.evaluation.registry`; each metric's
+    backbone settings are the section its :attr:`~ttm_ray.evaluation.metric.Metric.section`
+    names (``clip``, ``viclip``, ``fvd``, ``flow``).
+    """
+
+    # A plain str list checked in validate(), not a Literal: the registry, not this type,
+    # decides which names exist (a registered metric needs no edit here).
+    metrics: list[str] = constrained(  # noqa: RUF009 - returns a dataclasses.field
+        default_factory=lambda: list(registry.names()), nonempty=True,
+        help=f"any of {', '.join(registry.names())}; only the backbones of these are "
              "loaded (and required)",
     )
     benchmark: str = constrained(
@@ -76,24 +79,35 @@ class EvaluationConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def validate(self) -> None:
+        known = registry.names()
+        unknown = [f"metrics[{i}]: expected one of {', '.join(repr(n) for n in known)} "
+                   f"(the registered metrics), got {json.dumps(m)}"
+                   for i, m in enumerate(self.metrics) if m not in known]
+        if unknown:
+            raise ValueError("; ".join(unknown))
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics: listed twice in {self.metrics}")
 
     def build(self, key: str = CONFIG_KEY) -> Evaluator:
-        """Load the backbones of the enabled metrics (errors name ``key.<section>.<field>``)."""
+        """Load the backbones of the enabled metrics (errors name ``key.<section>.<field>``),
+        each section once however many metrics read it."""
         self.validate()
         device = resolve_device(self.device)
-        wanted = set(self.metrics)
-        rand = self.allow_random_init
-        clipframe = (self.clip.build(device, rand, f"{key}.clip")
-                     if "clipframe" in wanted else None)
-        viclip = (self.viclip.build(device, rand, f"{key}.viclip")
-                  if wanted & {"viclip_t", "viclip_v"} else None)
-        fvd = self.fvd.build(device, rand, f"{key}.fvd") if "fvd" in wanted else None
-        ad = self.flow.build(device, rand, f"{key}.flow") if "ad" in wanted else None
-        metrics = tuple(m for m in METRICS if m in wanted)
-        return Evaluator(metrics, self.benchmark, clipframe=clipframe, viclip=viclip, fvd=fvd,
-                         displacement=ad, video_batch_size=self.video_batch_size)
+        names = registry.in_table_order(self.metrics)
+        backbones: dict[str | None, Any] = {None: None}
+        scorers: dict[str, Scorer] = {}
+        for name in names:
+            metric = registry.get(name)
+            if metric.section not in backbones:
+                section = getattr(self, metric.section, None)
+                if section is None:
+                    raise ValueError(f"metric {name!r}: EvaluationConfig has no section "
+                                     f"{metric.section!r} for its backbone")
+                backbones[metric.section] = section.build(
+                    device, self.allow_random_init, f"{key}.{metric.section}")
+            scorers[name] = metric.build(backbones[metric.section])
+        return Evaluator(names, self.benchmark, scorers,
+                         video_batch_size=self.video_batch_size)
 
 
 def _chunks(items: Iterable[EvalItem], size: int) -> Iterator[list[EvalItem]]:
@@ -107,91 +121,86 @@ def _chunks(items: Iterable[EvalItem], size: int) -> Iterator[list[EvalItem]]:
         yield chunk
 
 
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
 class Evaluator:
-    """The metrics of an :class:`EvaluationConfig`, backbones loaded."""
+    """The metrics of an :class:`EvaluationConfig`, backbones loaded.
 
-    def __init__(self, metrics: tuple[str, ...], benchmark: str, *,
-                 clipframe: ClipFrame | None = None, viclip: ViClip | None = None,
-                 fvd: Fvd | None = None, displacement: Displacement | None = None,
-                 video_batch_size: int = 8) -> None:
-        needed = {"clipframe": clipframe, "viclip_t": viclip, "viclip_v": viclip, "fvd": fvd,
-                  "ad": displacement}
-        missing = [m for m in metrics if needed.get(m) is None]
+    ``scorers``: metric name -> :class:`~ttm_ray.evaluation.metric.Scorer` for every name in
+    ``metrics`` (what each needs and whether it is set-level comes from the registry).
+    """
+
+    def __init__(self, metrics: tuple[str, ...], benchmark: str,
+                 scorers: dict[str, Scorer], *, video_batch_size: int = 8) -> None:
+        missing = [m for m in metrics if scorers.get(m) is None]
         if missing:
             raise ValueError(f"metrics {missing} have no backbone")
-        self.metrics, self.benchmark = metrics, benchmark
-        self.clipframe, self.viclip, self.fvd = clipframe, viclip, fvd
-        self.displacement, self.video_batch_size = displacement, video_batch_size
+        self.metrics, self.benchmark = tuple(metrics), benchmark
+        self.specs: dict[str, Metric] = {m: registry.get(m) for m in self.metrics}
+        self.scorers, self.video_batch_size = scorers, video_batch_size
 
     @property
     def backbones(self) -> dict[str, str]:
-        named = {"fvd": self.fvd, "clipframe": self.clipframe, "viclip_t": self.viclip,
-                 "viclip_v": self.viclip, "ad": self.displacement}
-        return {m: named[m].name for m in self.metrics}  # type: ignore[union-attr]
+        return {m: self.scorers[m].name for m in self.metrics}
 
     @property
     def need_reference(self) -> list[str]:
-        return [m for m in self.metrics if m in _NEED_REFERENCE]
+        return [m for m in self.metrics if self.specs[m].needs_reference]
+
+    @property
+    def need_caption(self) -> list[str]:
+        return [m for m in self.metrics if self.specs[m].needs_caption]
 
     def _check(self, item: EvalItem) -> None:
         """Fields the enabled metrics need, checked before a chunk is scored."""
         if self.need_reference and item.reference is None:
             raise ValueError(f"{item.video_id}: no reference video, which "
                              f"{self.need_reference} need")
-        if "viclip_t" in self.metrics and not (item.caption or "").strip():
-            raise ValueError(f"{item.video_id}: no caption, which viclip_t needs")
+        need_caption = self.need_caption
+        if need_caption and not (item.caption or "").strip():
+            which = (f"{need_caption[0]} needs" if len(need_caption) == 1
+                     else f"{need_caption} need")
+            raise ValueError(f"{item.video_id}: no caption, which {which}")
 
     def evaluate(self, items: Iterable[EvalItem]) -> EvaluationResults:
         per_video: list[dict[str, Any]] = []
-        gen_feats: list[torch.Tensor] = []
-        ref_feats: list[torch.Tensor] = []
+        # set-level metric -> one value per video (what its aggregate needs), in item order
+        set_values: dict[str, list[Any]] = {m: [] for m in self.metrics
+                                            if self.specs[m].set_level}
         for chunk in _chunks(items, self.video_batch_size):
             for item in chunk:
                 self._check(item)
-            rows, gen, ref = self._score_chunk(chunk)
+            rows, chunk_sets = self._score_chunk(chunk)
             per_video += rows
-            gen_feats += gen
-            ref_feats += ref
+            for m, values in chunk_sets.items():
+                set_values[m] += values
         return EvaluationResults(self.benchmark, self.metrics,
-                                 self._aggregate(per_video, gen_feats, ref_feats),
+                                 self._aggregate(per_video, set_values),
                                  per_video, self.backbones)
 
     def _score_chunk(self, chunk: list[EvalItem]
-                     ) -> tuple[list[dict[str, Any]], list[torch.Tensor], list[torch.Tensor]]:
+                     ) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
         # Decode once; every metric converts from uint8 as it needs.
-        videos = [to_uint8(it.video, name=it.video_id) for it in chunk]
-        refs = ([to_uint8(it.reference, name=f"{it.video_id} reference") for it in chunk]
-                if self.need_reference else [])
+        batch = Batch(
+            video_ids=[it.video_id for it in chunk],
+            videos=[to_uint8(it.video, name=it.video_id) for it in chunk],
+            references=([to_uint8(it.reference, name=f"{it.video_id} reference")
+                         for it in chunk] if self.need_reference else []),
+            captions=[str(it.caption) for it in chunk])
         rows: list[dict[str, Any]] = [{"video_id": it.video_id, "subset": it.subset}
                                       for it in chunk]
-        if self.clipframe is not None:
-            for row, v in zip(rows, videos, strict=True):
-                row["clipframe"] = self.clipframe(v)
-        if self.displacement is not None:
-            for row, v in zip(rows, videos, strict=True):
-                row["ad"] = self.displacement(v)
-        if self.viclip is not None and "viclip_t" in self.metrics:
-            sims = self.viclip.text_similarity(videos, [str(it.caption) for it in chunk])
-            for row, s in zip(rows, sims, strict=True):
-                row["viclip_t"] = float(s)
-        if self.viclip is not None and "viclip_v" in self.metrics:
-            sims = self.viclip.video_similarity(videos, refs)
-            for row, s in zip(rows, sims, strict=True):
-                row["viclip_v"] = float(s)
-        gen: list[torch.Tensor] = []
-        ref: list[torch.Tensor] = []
-        if self.fvd is not None:
-            gen = list(self.fvd.features(videos))
-            ref = list(self.fvd.features(refs))
-        return rows, gen, ref
+        set_values: dict[str, list[Any]] = {}
+        for m in self.metrics:
+            values = list(self.scorers[m].score(batch))
+            if len(values) != len(chunk):
+                raise ValueError(f"metric {m}: {len(values)} values for {len(chunk)} videos")
+            if self.specs[m].set_level:
+                set_values[m] = values
+            else:
+                for row, v in zip(rows, values, strict=True):
+                    row[m] = v
+        return rows, set_values
 
-    def _aggregate(self, per_video: list[dict[str, Any]], gen: list[torch.Tensor],
-                   ref: list[torch.Tensor]) -> dict[str, dict[str, Any]]:
+    def _aggregate(self, per_video: list[dict[str, Any]], set_values: dict[str, list[Any]]
+                   ) -> dict[str, dict[str, Any]]:
         order = list(dict.fromkeys(r["subset"] for r in per_video if r["subset"] is not None))
         out: dict[str, dict[str, Any]] = {}
         for subset in [*order, SUBSET_ALL]:
@@ -199,22 +208,11 @@ class Evaluator:
                    if subset == SUBSET_ALL or r["subset"] == subset]
             values: dict[str, Any] = {"n_videos": len(idx)}
             for m in self.metrics:
-                if m == "fvd":
-                    values[m] = self._set_fvd([gen[i] for i in idx], [ref[i] for i in idx],
-                                              subset)
-                else:
-                    values[m] = _mean([per_video[i].get(m) for i in idx])
+                kept = ([set_values[m][i] for i in idx] if self.specs[m].set_level
+                        else [per_video[i].get(m) for i in idx])
+                values[m] = self.scorers[m].aggregate(kept, subset)
             out[subset] = values
         return out
 
-    @staticmethod
-    def _set_fvd(gen: list[torch.Tensor], ref: list[torch.Tensor], subset: str
-                 ) -> float | None:
-        if len(gen) < 2:
-            log.warning("FVD of subset %r: %d video(s), at least 2 are needed", subset,
-                        len(gen))
-            return None
-        return fvd_from_features(torch.stack(gen), torch.stack(ref))
 
-
-__all__ = ["EvalItem", "EvaluationConfig", "Evaluator", "Metric"]
+__all__ = ["EvalItem", "EvaluationConfig", "Evaluator"]

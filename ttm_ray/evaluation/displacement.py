@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ttm_ray.config import constrained
+from ttm_ray.evaluation.metric import Metric, PerItemScorer
 from ttm_ray.evaluation.video import VideoLike, to_float
 from ttm_ray.evaluation.weights import (
     CONFIG_KEY,
@@ -289,7 +290,17 @@ class FlowConfig:
                             self.batch_size, dev)
 
 
+def _scorer(displacement: Displacement) -> PerItemScorer:
+    return PerItemScorer(displacement.name,
+                         lambda batch: [displacement(v) for v in batch.videos])
+
+
+# AD measures the amount of motion: neither more nor less is better (no arrow in the tables).
+AD = Metric(name="ad", label="AD", decimals=2, higher_is_better=None, section="flow",
+            build=_scorer)
+
 __all__ = [
+    "AD",
     "Displacement",
     "FarnebackFlow",
     "FlowConfig",

@@ -24,6 +24,7 @@ feature are far from the asymptotic value; FVD then compares runs of the same se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import nn
 
 from ttm_ray.config import constrained
 from ttm_ray.dataset.video import resize_center_crop
+from ttm_ray.evaluation.metric import Batch, Metric
 from ttm_ray.evaluation.video import VideoLike, to_float, uniform_indices
 from ttm_ray.evaluation.weights import (
     CONFIG_KEY,
@@ -43,6 +45,8 @@ from ttm_ray.evaluation.weights import (
     resolve_device,
     strip_prefix,
 )
+
+log = logging.getLogger(__name__)
 
 _TORCHVISION = {"r3d_18": "R3D-18", "r2plus1d_18": "R(2+1)D-18", "mc3_18": "MC3-18",
                 "s3d": "S3D"}
@@ -287,9 +291,37 @@ class FvdConfig:
         return Fvd(extractor)
 
 
+class FvdScorer:
+    """FVD as a set-level scorer: features per chunk, the distance per subset."""
+
+    def __init__(self, fvd: Fvd) -> None:
+        self.fvd = fvd
+        self.name = fvd.name
+
+    def score(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(generated, reference)`` feature pairs, one per item."""
+        gen = list(self.fvd.features(batch.videos))
+        ref = list(self.fvd.features(batch.references))
+        return list(zip(gen, ref, strict=True))
+
+    def aggregate(self, values: list[tuple[torch.Tensor, torch.Tensor]], subset: str
+                  ) -> float | None:
+        if len(values) < 2:  # a covariance needs two samples
+            log.warning("FVD of subset %r: %d video(s), at least 2 are needed", subset,
+                        len(values))
+            return None
+        return fvd_from_features(torch.stack([g for g, _ in values]),
+                                 torch.stack([r for _, r in values]))
+
+
+FVD = Metric(name="fvd", label="FVD", decimals=2, higher_is_better=False, section="fvd",
+             build=FvdScorer, needs_reference=True, set_level=True)
+
 __all__ = [
+    "FVD",
     "Fvd",
     "FvdConfig",
+    "FvdScorer",
     "I3DTorchscriptFeatures",
     "TorchvisionVideoFeatures",
     "VideoFeatureExtractor",

@@ -16,12 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Metric keys in table order, and how tables label them (arrow: which way is better; AD
-#: measures the amount of motion, neither more nor less is better).
-METRICS = ("fvd", "clipframe", "viclip_t", "viclip_v", "ad")
-LABELS = {"fvd": "FVD ↓", "clipframe": "CLIPFrame ↑", "viclip_t": "ViCLIP-T ↑",
-          "viclip_v": "ViCLIP-V ↑", "ad": "AD"}
-_DECIMALS = {"fvd": 2, "clipframe": 3, "viclip_t": 3, "viclip_v": 3, "ad": 2}
+from ttm_ray.evaluation.registry import REGISTRY
+
 SUBSET_ALL = "all"
 THIS_RUN = "this run"
 
@@ -78,10 +74,23 @@ class EvaluationResults:
         return out
 
 
+# Column label, short label and decimals come from the metric's registry entry. Results may
+# name metrics this process never registered (e.g. read back from elsewhere): those show
+# under their own name with 3 decimals rather than failing the report.
+def column(metric: str) -> str:
+    """Table header of ``metric``, e.g. ``"FVD ↓"``."""
+    return REGISTRY[metric].column if metric in REGISTRY else metric
+
+
+def short_label(metric: str) -> str:
+    """``metric``'s label without the arrow, e.g. ``"FVD"``."""
+    return REGISTRY[metric].label if metric in REGISTRY else metric
+
+
 def format_value(metric: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{_DECIMALS.get(metric, 3)}f}"
+    if metric in REGISTRY:
+        return REGISTRY[metric].format(value)
+    return "–" if value is None else f"{value:.3f}"
 
 
 def to_csv(results: EvaluationResults) -> str:
@@ -99,8 +108,8 @@ def to_csv(results: EvaluationResults) -> str:
 
 
 def per_video_csv(results: EvaluationResults) -> str:
-    """``video_id, subset, <per-video metrics>`` (FVD is a set metric: not here)."""
-    metrics = [m for m in results.metrics if m != "fvd"]
+    """``video_id, subset, <per-video metrics>`` (set-level metrics such as FVD: not here)."""
+    metrics = [m for m in results.metrics if not (m in REGISTRY and REGISTRY[m].set_level)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video_id", "subset", *metrics])
@@ -116,11 +125,11 @@ def to_markdown(results: EvaluationResults) -> str:
     if results.backbones:
         by_name: dict[str, list[str]] = {}  # ViCLIP-T and -V share one model: list it once
         for m, name in results.backbones.items():
-            by_name.setdefault(name, []).append(LABELS.get(m, m).split()[0])
+            by_name.setdefault(name, []).append(short_label(m))
         lines += ["Backbones: " + "; ".join(f"{'/'.join(ms)}: {name}"
                                             for name, ms in by_name.items()), ""]
     has_refs = False
-    header = "| | " + " | ".join(LABELS.get(m, m) for m in results.metrics) + " |"
+    header = "| | " + " | ".join(column(m) for m in results.metrics) + " |"
     rule = "|---|" + "---:|" * len(results.metrics)
     for subset, values in results.subsets.items():
         lines += [f"## {subset} ({values.get('n_videos', 0)} videos)", "", header, rule]
@@ -191,15 +200,16 @@ def log_to_mlflow(results: EvaluationResults, mlflow: Any, *, run_id: str | None
 
 
 __all__ = [
-    "LABELS",
-    "METRICS",
     "PAPER_REFERENCE",
     "EvaluationResults",
     "benchmark_key",
+    "column",
+    "format_value",
     "log_to_mlflow",
     "mlflow_metrics",
     "per_video_csv",
     "references",
+    "short_label",
     "to_csv",
     "to_markdown",
     "write_report",

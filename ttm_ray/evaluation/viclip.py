@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ttm_ray.config import constrained
 from ttm_ray.evaluation.clip_embed import processor_short_side, quiet_transformers
+from ttm_ray.evaluation.metric import Metric, PerItemScorer
 from ttm_ray.evaluation.video import VideoLike, shrink_to_short_side, to_uint8, uniform_indices
 from ttm_ray.evaluation.weights import (
     CONFIG_KEY,
@@ -196,4 +197,21 @@ class ViClipConfig:
         return ViClip(encoder)
 
 
-__all__ = ["STAND_IN", "ViClip", "ViClipConfig", "VideoTextEncoder", "XClipEncoder"]
+def _text_scorer(viclip: ViClip) -> PerItemScorer:
+    return PerItemScorer(viclip.name, lambda batch: [
+        float(s) for s in viclip.text_similarity(batch.videos, batch.captions)])
+
+
+def _video_scorer(viclip: ViClip) -> PerItemScorer:
+    return PerItemScorer(viclip.name, lambda batch: [
+        float(s) for s in viclip.video_similarity(batch.videos, batch.references)])
+
+
+# Both read the one model of the `viclip` section (loaded once for the two).
+VICLIP_T = Metric(name="viclip_t", label="ViCLIP-T", decimals=3, higher_is_better=True,
+                  section="viclip", build=_text_scorer, needs_caption=True)
+VICLIP_V = Metric(name="viclip_v", label="ViCLIP-V", decimals=3, higher_is_better=True,
+                  section="viclip", build=_video_scorer, needs_reference=True)
+
+__all__ = ["STAND_IN", "VICLIP_T", "VICLIP_V", "ViClip", "ViClipConfig", "VideoTextEncoder",
+           "XClipEncoder"]
