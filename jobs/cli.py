@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                   "CLIPFrame, ViCLIP-T/V, AD; Table 5 settings)"),
     "plan": ("jobs.plan", "capacity plans: `plan model|train --config FILE`"),
     "cluster": ("jobs.cluster", "cluster YAMLs and manifests: `cluster validate`"),
+    "lineage": ("jobs.lineage", "the MLflow chain of a dataset version or registered model: "
+                "raw videos -> dataset -> training run -> model version -> evaluations"),
+    "models": ("jobs.models_check", "the model folders and weights configs need: "
+               "`models check --config FILE...` (present, right architecture, how to stage)"),
 }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ttm_ray.config import constrained
+from ttm_ray.model_folders import servable_problem
 
 
 @dataclass
@@ -67,6 +68,12 @@ class EngineConfig:
             raise ValueError("engine_kwargs must not set 'model': use model_path")
         if self.kind == "vllm" and self.device == "cpu":
             raise ValueError("kind 'vllm' runs on CUDA only: use kind 'transformers' on CPU")
+        # A folder whose architecture the engine cannot serve (Llama-3.2-Vision under current
+        # vLLM) would otherwise fail only when the GPU actor loads it, after the CPU stages ran.
+        # Checked only where the folder exists here (see servable_problem).
+        problem = servable_problem("model_path", self.model_path, self.kind)
+        if problem:
+            raise ValueError(problem)
 
     def sampling_for(self, attempt: int) -> tuple[float, int]:
         """``(temperature, seed)`` of attempt ``attempt`` (0-based) at the same prompt.

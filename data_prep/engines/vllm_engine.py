@@ -1,5 +1,10 @@
 """The vLLM engine: the production path on GPU nodes.
 
+The production captioner is Qwen2.5-VL-7B-Instruct (``Qwen2_5_VLForConditionalGeneration``);
+Llama-3.2-Vision (``MllamaForConditionalGeneration``) is no longer served by current vLLM and
+runs through the transformers engine instead. ``EngineConfig.validate`` refuses a folder whose
+architecture the configured engine cannot serve (``ttm_ray.model_folders.servable_problem``).
+
 ``vllm`` is CUDA-only and never installed in the CPU test env, so it is imported inside
 :class:`VllmEngine` only. The config mappings (:func:`vllm_llm_kwargs`,
 :func:`ray_data_llm_processor_config`) and the message building are pure functions, tested
@@ -87,7 +92,15 @@ def image_data_uri(image: np.ndarray, quality: int = 92) -> str:
 
 
 def vllm_messages(request: ChatRequest) -> list[dict[str, Any]]:
-    """OpenAI-style chat messages for ``LLM.chat`` (images first, as VLM templates expect)."""
+    """OpenAI-style chat messages for ``LLM.chat`` (images first, as VLM templates expect).
+
+    This is the one form vLLM's chat API takes for every multimodal model: vLLM decodes the
+    ``image_url`` parts into its ``multi_modal_data`` and, for templates that loop over
+    content parts (Qwen2.5-VL's, the production captioner), detects the "openai" content
+    format and lets the template place ``<|vision_start|><|image_pad|><|vision_end|>`` where
+    the part was; for string-only templates it inserts the model's image placeholder itself.
+    So no per-model prompt string is built here.
+    """
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
