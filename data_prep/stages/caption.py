@@ -1,8 +1,11 @@
 """Caption: the global prompt ``c`` of each clip, from its first, middle and last frames.
 
-The paper captions SA-V clips with Llama-3.2-11B-Vision from those three frames. By default
+The paper captions SA-V clips with Llama-3.2-11B-Vision from those three frames; the
+production config serves Qwen2.5-VL-7B-Instruct on vLLM instead, since current vLLM no longer
+serves Llama-3.2-Vision (which stays available through the transformers engine). By default
 the frames go side by side in one image (``frames: grid``), because Llama-3.2-Vision is
-trained on one image per prompt; ``separate`` sends three images (for VLMs that take several).
+trained on one image per prompt and the production config allows one image per prompt;
+``separate`` sends three images (for VLMs and limits that take several).
 
 Manifest mode (``engine.kind: manifest``) copies ``given_caption`` instead. Rejects:
 ``caption_failed`` (the model answered but never usably, or no given caption: permanent),
