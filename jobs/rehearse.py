@@ -27,6 +27,12 @@ node, and the nodes launched per node type. Exit 0 only when every job SUCCEEDED
 job's log is under --root/logs and the jobs after it are SKIPPED. Only the processes this
 command started are stopped.
 
+MLflow as on the clusters: the jobs log to a real `mlflow server` this command starts on
+127.0.0.1 (a free port; backend SQLite and artifacts under --root/mlflow, the SQLite file
+written by that one process only), reached over HTTP through MLFLOW_TRACKING_URI in every
+fake node's environment, as cluster/aws.yaml and cluster/kuberay/raycluster.yaml set it. It
+is stopped by its process group id at the end.
+
     ttm-ray rehearse                       # everything, ~20 minutes on 2 cores
     ttm-ray rehearse --only prep-unet prep-dit --root /tmp/r
 """
@@ -37,9 +43,13 @@ import argparse
 import json
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +122,81 @@ def build_inputs(root: Path, videos: int, seed: int) -> None:
             write_benchmark_manifest(corpus, root / rel, limit=1)
 
 
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 and a free port, for as long as the ``with`` block.
+
+    Backend ``sqlite:///<dir>/mlflow.db`` (only this process writes it), artifacts proxied to
+    ``<dir>/artifacts`` (``mlflow-artifacts:/`` URIs, as on the clusters). Started in its own
+    session so that stopping its process group also stops its uvicorn workers, and nothing
+    else: no search by name, no machine-wide kill.
+    """
+
+    def __init__(self, directory: Path, timeout_s: float = 120.0) -> None:
+        self.dir = directory
+        self.timeout_s = timeout_s
+        self.db = directory / "mlflow.db"
+        self.log = directory / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.uri = ""
+
+    def __enter__(self) -> MlflowServer:
+        (self.dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:  # a free port; the server binds it a moment later
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{port}"
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.db}",
+               "--artifacts-destination", str(self.dir / "artifacts"), "--serve-artifacts"]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log.read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not become healthy at {self.uri} "
+                                   f"(log {self.log}):\n{tail}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (the one this Popen created, by its id),
+        SIGKILL if it is not empty in 20 s. The ``mlflow`` parent can exit before its
+        uvicorn workers do, so the wait is for the group, not the parent."""
+        if self.proc is None:
+            return
+        group = self.proc.pid
+        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                self.proc.poll()  # reap the parent; the workers are reparented and reaped
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.2)
+            else:
+                continue
+            break
+        self.proc.poll()
+        self.proc = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def check_overlays(jobs: tuple[Job, ...]) -> None:
     from ttm_ray.config import ConfigError
     from ttm_ray.ops.overlay import overlay_problems
@@ -166,6 +251,32 @@ def table(results: dict[str, dict[str, object]], nodes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def run_jobs(jobs: tuple[Job, ...], args: argparse.Namespace, root: Path, log_dir: Path,
+             node_env: dict[str, str]
+             ) -> tuple[dict[str, dict[str, object]], dict[str, int], bool]:
+    """The fake cluster up, every job submitted in order (the ones after a failure SKIPPED);
+    returns the results, the nodes launched per type and whether a job failed."""
+    from ttm_ray.ops.fake_cluster import FakeCluster
+
+    results: dict[str, dict[str, object]] = {}
+    # The cluster's --temp-dir stays short (under /tmp): Ray's Unix socket paths live there
+    # and may not exceed 107 bytes.
+    cluster = FakeCluster(repo_path(args.cluster), node_env=node_env)
+    with cluster:
+        print(f"[rehearse] fake autoscaling cluster up in {cluster.started_s:.0f}s "
+              f"(dashboard {cluster.dashboard_url}, config {cluster.config_path}); "
+              f"worker nodes now: {cluster.nodes_launched() or 'none'}", file=sys.stderr)
+        failed = False
+        for job in jobs:
+            if failed:
+                results[job.name] = {"status": "SKIPPED", "seconds": 0}
+                continue
+            results[job.name] = submit(job, cluster, root, log_dir, args.job_timeout)
+            failed = results[job.name]["status"] != "SUCCEEDED"
+        nodes = cluster.nodes_launched()
+    return results, nodes, failed
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,12 +295,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     from ttm_ray.config import ConfigError
-    from ttm_ray.ops.fake_cluster import FakeCluster
 
     root = Path(args.root).resolve()
     jobs = tuple(j for j in JOBS if not args.only or j.name in args.only)
-    results: dict[str, dict[str, object]] = {}
-    nodes: dict[str, int] = {}
     try:
         check_overlays(jobs)
     except ConfigError as exc:
@@ -202,29 +310,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     os.environ[ROOT_VAR] = str(root)
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    # What every fake node's processes inherit: DeepSpeed's CPU accelerator and the JIT
-    # extension cache the tests and CI reuse (the image ships the ops prebuilt instead).
-    # The rehearsal's own MLflow store (what run.mlflow_tracking_uri: null means under
-    # run.root), whatever MLFLOW_TRACKING_URI this shell has.
-    mlflow_uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
-    node_env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(repo_path(".cache", "torch_extensions"))),
-        "MLFLOW_TRACKING_URI": mlflow_uri}
-    # The cluster's --temp-dir stays short (under /tmp): Ray's Unix socket paths live there
-    # and may not exceed 107 bytes.
-    cluster = FakeCluster(repo_path(args.cluster), node_env=node_env)
-    with cluster:
-        print(f"[rehearse] fake autoscaling cluster up in {cluster.started_s:.0f}s "
-              f"(dashboard {cluster.dashboard_url}, config {cluster.config_path}); "
-              f"worker nodes now: {cluster.nodes_launched() or 'none'}", file=sys.stderr)
-        failed = False
-        for job in jobs:
-            if failed:
-                results[job.name] = {"status": "SKIPPED", "seconds": 0}
-                continue
-            results[job.name] = submit(job, cluster, root, log_dir, args.job_timeout)
-            failed = results[job.name]["status"] != "SUCCEEDED"
-        nodes = cluster.nodes_launched()
+    # The rehearsal's own tracking server (whatever MLFLOW_TRACKING_URI this shell has),
+    # named in every fake node's environment as the clusters name theirs: drivers and Ray
+    # Train's rank 0 inherit it, and run.mlflow_tracking_uri is null in every overlay.
+    mlflow_server = MlflowServer(root / "mlflow")
+    with mlflow_server:
+        mlflow_uri = mlflow_server.uri
+        print(f"[rehearse] mlflow server at {mlflow_uri} (log {mlflow_server.log})",
+              file=sys.stderr)
+        # What every fake node's processes inherit: DeepSpeed's CPU accelerator, the JIT
+        # extension cache the tests and CI reuse (the image ships the ops prebuilt instead)
+        # and the tracking server.
+        node_env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(repo_path(".cache", "torch_extensions"))),
+            "MLFLOW_TRACKING_URI": mlflow_uri}
+        results, nodes, failed = run_jobs(jobs, args, root, log_dir, node_env)
     ok = not failed
     print(table(results, nodes), file=sys.stderr)
     print(json.dumps({"status": "succeeded" if ok else "failed",
@@ -233,7 +333,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                for k, v in results.items()},
                       "nodes_launched": nodes,
                       "drivers": {k: v.get("driver") for k, v in results.items()},
-                      "root": str(root), "mlflow": mlflow_uri}))
+                      "root": str(root), "mlflow": mlflow_uri,
+                      "mlflow_backend": f"sqlite:///{mlflow_server.db}"}))
     return 0 if ok else 1
 
 

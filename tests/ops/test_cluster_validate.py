@@ -358,3 +358,89 @@ def test_shipped_training_nodes_carry_efa() -> None:
     del train["node_config"]["Placement"]
     assert [p.field for p in launcher_efa(aws, "aws.yaml")] == [
         "available_node_types.train_a100.node_config.Placement"]
+
+
+def _mlflow_service() -> tuple[dict, dict, str]:
+    """The shipped MLflow Deployment and Service, and the in-cluster URI of that Service."""
+    kuberay = REPO / "cluster" / "kuberay"
+    docs = {d["kind"]: d for d in yaml.safe_load_all((kuberay / "mlflow.yaml").read_text())}
+    namespace = yaml.safe_load((kuberay / "namespace.yaml").read_text())["metadata"]["name"]
+    service = docs["Service"]
+    port = service["spec"]["ports"][0]["port"]
+    return docs["Deployment"], service, f"http://{service['metadata']['name']}.{namespace}.svc:{port}"
+
+
+def test_mlflow_service_is_cluster_ip_and_what_every_job_is_told() -> None:
+    """KubeRay: the tracking server is applied with the stack, its Service is ClusterIP, and
+    every Ray container's MLFLOW_TRACKING_URI names that Service; no runtime env overrides
+    it (one would win over the pod's value on this cluster and on the VM clusters)."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    kuberay = REPO / "cluster" / "kuberay"
+    deployment, service, uri = _mlflow_service()
+    assert service["spec"]["type"] == "ClusterIP"
+    assert uri == "http://ttm-mlflow.ttm-ray.svc:5000"
+    assert "mlflow.yaml" in yaml.safe_load((kuberay / "kustomization.yaml").read_text())[
+        "resources"]
+    raycluster = yaml.safe_load((kuberay / "raycluster.yaml").read_text())["spec"]
+    groups = [raycluster["headGroupSpec"], *raycluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI") == uri, container["name"]
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert "MLFLOW_TRACKING_URI" not in runtime_env.get("env_vars", {})
+    for name in ("rayjob-train.yaml", "cronjob-rebuild.yaml"):
+        assert "MLFLOW_TRACKING_URI" not in (kuberay / name).read_text(), name
+    # The server: the Service selects it, it answers /health, it accepts the Service's name
+    # in the Host header (and kubectl port-forward's), not any name; SQLite on its own
+    # volume, artifacts on the shared one.
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "ttm-ray" and container["command"] == ["mlflow", "server"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if "=" in a)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    allowed = args["allowed-hosts"].split(",")
+    host = uri.removeprefix("http://")
+    for ok in (host, host.split(".")[0] + ":5000", "localhost:5000", "127.0.0.1:5000"):
+        assert is_allowed_host_header(allowed, ok), ok
+    assert not is_allowed_host_header(allowed, "evil.example.com:5000")
+    assert "--disable-security-middleware" not in container["args"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert args["backend-store-uri"] == f"sqlite:///{mounts['db']}/mlflow.db"
+    assert args["artifacts-destination"].startswith(mounts["shared"] + "/")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one writer of the file
+
+
+def test_mlflow_service_exposed_is_refused(tree: tuple[Path, Path]) -> None:
+    cluster_dir, configs = tree
+    path = cluster_dir / "kuberay" / "mlflow.yaml"
+    index = [d["kind"] for d in yaml.safe_load_all(path.read_text())].index("Service")
+
+    def expose(doc: dict) -> None:
+        doc["spec"]["type"] = "LoadBalancer"
+
+    edit(path, expose, index)
+    problems = fields(validate_cluster(cluster_dir, configs), Path(f"{path}#{index + 1}"))
+    assert "LoadBalancer exposes" in problems["spec.type"], problems
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_head_runs_the_mlflow_server(name: str) -> None:
+    """VM clusters: the head starts `mlflow server` with its SQLite file on the head's own
+    disk (not the shared NFS), and every node's Ray exports the head's address to jobs."""
+    cfg = yaml.safe_load((REPO / "cluster" / name).read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "mlflow server" in head and "--port 5000" in head
+    backend = head.split("--backend-store-uri ")[1].split()[0]
+    assert backend.startswith("sqlite:////var/lib/ttm-mlflow/") and "/mnt/shared" not in backend
+    assert "--volume /var/lib/ttm-mlflow:/var/lib/ttm-mlflow" in cfg["docker"]["head_run_options"]
+    assert "--artifacts-destination /mnt/shared/" in head
+    # The old server goes by the process group id it wrote, never by a search by name.
+    assert "pkill" not in head and "killall" not in head
+    (start_head,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert start_head.index("export MLFLOW_TRACKING_URI=http://") < start_head.index("ray start")
+    start_worker = cfg["worker_start_ray_commands"][-1]
+    assert "export MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000;" in start_worker

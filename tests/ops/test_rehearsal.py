@@ -81,6 +81,37 @@ def test_the_check_refuses_changes_outside_the_allow_list(key: str, value: str,
     assert f": {key}:" in problems, problems
 
 
+def test_mlflow_server_logs_over_http_and_stops_by_its_group(tmp_path: Path) -> None:
+    """The rehearsal's server: healthy on 127.0.0.1, runs and artifacts logged through it
+    (proxied mlflow-artifacts:/ URIs, files under its own folder), then gone with its
+    workers when the block ends."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.rehearse import MlflowServer
+
+    (tmp_path / "note.txt").write_text("hello")
+    with MlflowServer(tmp_path / "mlflow") as server:
+        assert server.uri.startswith("http://127.0.0.1:")
+        client = MlflowClient(tracking_uri=server.uri)
+        experiment = client.create_experiment("ttm-ray")
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        client.set_terminated(run.info.run_id)
+        assert client.get_run(run.info.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+        pid, port = server.proc.pid, int(server.uri.rsplit(":", 1)[1])
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("note.txt"))
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole group is gone, uvicorn workers included
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    # What the server wrote, read without it: the backend is its own SQLite file.
+    offline = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert offline.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
+
+
 @pytest.mark.slow
 def test_rehearse_end_to_end(tmp_path: Path) -> None:
     """`ttm-ray rehearse` exits 0; its last line is the JSON summary with every job
@@ -120,11 +151,18 @@ def test_rehearse_end_to_end(tmp_path: Path) -> None:
     assert last["dataset_version"] == latest_version(unet_data)
     for name in ("dit-stage1", "dit-stage2", "unet-stage1", "unet-stage2"):
         assert (runs / name / "export" / "model.safetensors").is_file(), name
-    # The rehearsal's own store, whatever MLFLOW_TRACKING_URI the test session has.
-    assert summary["mlflow"] == f"sqlite:///{runs / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=summary["mlflow"])
+    # Logged through the rehearsal's own `mlflow server` (whatever MLFLOW_TRACKING_URI the
+    # test session has), which is stopped now: read its backend file. Runs created over HTTP
+    # have proxied artifact URIs, and no driver fell back to a SQLite file under run.root.
+    assert summary["mlflow"].startswith("http://127.0.0.1:"), summary["mlflow"]
+    assert summary["mlflow_backend"] == f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    assert not (runs / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=summary["mlflow_backend"])
     experiment = client.get_experiment_by_name("ttm-ray")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:"), experiment
     found = client.search_runs([experiment.experiment_id])
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in found)
+    assert list((root / "mlflow" / "artifacts").rglob("*")), "no artifact went through it"
     kinds = [r.data.tags.get("ttm.kind") for r in found]
     assert "rebuild" in kinds, kinds
     trained = [r for r in found if r.data.metrics.get("loss") is not None]
