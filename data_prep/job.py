@@ -155,14 +155,27 @@ def publish(cfg: PrepConfig) -> tuple[DatasetVersion, Published | None]:
 
 def log_version_to_mlflow(cfg: PrepConfig, version: DatasetVersion,
                           summary: dict[str, Any]) -> str:
-    """One MLflow run per published version: config, lineage, counts, the dataset card."""
+    """One MLflow run per published version: config, lineage, counts, the dataset card. The
+    raw-video source and the version are the run's dataset inputs (contexts ``source`` and
+    ``output``: MLflow has no dataset outputs), so ``ttm-ray lineage`` walks from them."""
     import mlflow
 
-    tags = {"job": "prep", "dataset_version": version.name,
-            "dataset_root": str(cfg.dataset_root), "code_version": code_version()}
-    with start_mlflow_run(cfg.run.resolved_mlflow_uri(), cfg.run.mlflow_experiment,
-                          f"prep-{version.name}", tags) as run, \
+    from ttm_ray import lineage as lin
+
+    job = "refilter" if version.manifest["lineage"].get("refiltered_from") else "prep"
+    tags = lin.job_tags(job, dataset_version=version.name, dataset_root=cfg.dataset_root,
+                        source=lin.location_uri(cfg.source.path), config_hash=config_hash(cfg),
+                        code_version=code_version())
+    # The older names, still read by dashboards and searches made before ttm.*.
+    tags.update({"job": job, "dataset_version": version.name,
+                 "dataset_root": str(cfg.dataset_root), "code_version": tags[lin.CODE_VERSION]})
+    uri = cfg.run.resolved_mlflow_uri()
+    with start_mlflow_run(uri, cfg.run.mlflow_experiment, f"prep-{version.name}", tags) as run, \
             tempfile.TemporaryDirectory() as tmp:
+        inputs = [(lin.version_dataset(version), lin.CONTEXT_OUTPUT)]
+        if cfg.source.path:
+            inputs.insert(0, (lin.source_dataset(str(cfg.source.path)), lin.CONTEXT_SOURCE))
+        lin.log_datasets(lin.client_for(uri), run.info.run_id, inputs)
         log_params(flatten(cfg))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -176,6 +189,35 @@ def log_version_to_mlflow(cfg: PrepConfig, version: DatasetVersion,
         mlflow.log_dict(version.manifest, "manifest.json")
         mlflow.log_dict(summary, "summary.json")
         return run.info.run_id
+
+
+def ensure_version_in_mlflow(cfg: PrepConfig, version: DatasetVersion,
+                             summary: dict[str, Any]) -> str:
+    """A rerun that published nothing: the version's prep run gets the lineage it lacks (a run
+    logged before the ``ttm.*`` tags and dataset inputs), or is logged now if the store has
+    none, so every version in use has its producer in MLflow. Returns that run's id."""
+    from ttm_ray import lineage as lin
+
+    uri = cfg.run.resolved_mlflow_uri()
+    client = lin.client_for(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(experiments,
+                                          f"tags.`dataset_version` = '{version.name}'")
+            if lin.tag(r.data.tags, lin.JOB) in ("prep", "refilter")
+            and lin.tag(r.data.tags, lin.DATASET_ROOT) == str(cfg.dataset_root)]
+    if not runs:
+        return log_version_to_mlflow(cfg, version, summary)
+    run = runs[-1]  # search order: newest first; the oldest published the version
+    source = run.data.params.get("source.path") or str(cfg.source.path)
+    tags = lin.job_tags(lin.tag(run.data.tags, lin.JOB) or "prep", dataset_version=version.name,
+                        dataset_root=cfg.dataset_root, source=lin.location_uri(source))
+    for key, value in tags.items():
+        if key not in run.data.tags:
+            client.set_tag(run.info.run_id, key, value)
+    lin.log_datasets(client, run.info.run_id, [(lin.source_dataset(source), lin.CONTEXT_SOURCE),
+                                               (lin.version_dataset(version),
+                                                lin.CONTEXT_OUTPUT)])
+    return run.info.run_id
 
 
 def _version_summary(version: DatasetVersion, published: Published | None) -> dict[str, Any]:
@@ -243,6 +285,8 @@ def run_prep(cfg: PrepConfig, progress: bool = True, fail_after_rows: int | None
         seconds=round(time.perf_counter() - start, 2))
     if track and summary["published"]:
         summary["mlflow_run_id"] = log_version_to_mlflow(cfg, version, summary)
+    elif track:
+        summary["mlflow_run_id"] = ensure_version_in_mlflow(cfg, version, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -556,10 +556,15 @@ def log_to_mlflow(cfg: RebuildConfig, record: dict) -> str:
     status record as an artifact. Published versions also get their own ``prep-`` run."""
     import mlflow
 
-    tags = {"ttm.kind": "rebuild", "ttm.rebuild.status": record["status"],
+    tags = {"ttm.kind": "rebuild", "ttm.job": "rebuild", "ttm.rebuild.status": record["status"],
             "ttm.rebuild.run_id": record["run_id"], "job": "rebuild",
             "dataset_root": record["dataset_root"], "code_version": record["code_version"],
-            "dataset_version": record.get("latest_after") or ""}
+            "dataset_version": record.get("latest_after") or "",
+            # ttm.* names (ttm_ray.lineage's vocabulary) beside the older ones above; not
+            # ttm.dataset_version: a rebuild run does not publish (its prep- run does, and
+            # lineage finds a version's producer by that tag)
+            "ttm.dataset_root": record["dataset_root"], "ttm.code_version": record["code_version"],
+            "ttm.rebuild.latest_after": record.get("latest_after") or ""}
     if record.get("error"):
         tags["ttm.rebuild.error"] = record["error"][:4000]
     with start_mlflow_run(cfg.run.resolved_mlflow_uri(), cfg.run.mlflow_experiment,

@@ -75,9 +75,14 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     import mlflow
 
     with start_mlflow_run(cfg.run.resolved_mlflow_uri(), cfg.run.mlflow_experiment,
-                          cfg.run.name, tags={"ttm.kind": "evaluate",
+                          cfg.run.name, tags={"ttm.kind": "evaluate", "ttm.job": "evaluate",
                                               "ttm.code_version": code_version()}) as run:
         log_params(flatten(cfg))
+        # The registered model versions scored, as the run's model inputs (ttm-ray lineage).
+        from ttm_ray.lineage import log_scored_models
+
+        log_scored_models({"stage1": cfg.generation.stage1.export,
+                           "stage2": cfg.generation.stage2.export})
         for v, res in results.items():
             log_to_mlflow(res, mlflow, prefix=f"eval/{v}")
         for path in files:

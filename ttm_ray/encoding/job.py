@@ -210,8 +210,57 @@ def card(cfg: EncodeConfig, source: DatasetVersion, key: str, counts: dict[str, 
         *(f"| {k} | {v} |" for k, v in counts.items()), ""])
 
 
-def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict[str, Any]:
-    """Preflight, encode what is new, publish; returns the job summary."""
+def log_encode_to_mlflow(cfg: EncodeConfig, source: DatasetVersion, encoded: DatasetVersion,
+                         summary: dict[str, Any], only_if_missing: bool = False
+                         ) -> str | None:
+    """One MLflow run per encoded version: the source version (context ``source``) and the
+    encoded one (context ``output``) as dataset inputs, ``ttm.*`` tags, the counts.
+    ``only_if_missing``: skip when the store already has an encode run for the version (an
+    up-to-date rerun; stores that predate this logging get theirs)."""
+    import mlflow
+
+    from ttm_ray import lineage as lin
+    from ttm_ray.config import config_hash
+    from ttm_ray.tracking import code_version, start_mlflow_run
+
+    uri = cfg.run.resolved_mlflow_uri()
+    client = lin.client_for(uri)
+    root = str(encoded.root)
+    if only_if_missing and any(
+            lin.tag(r.data.tags, lin.JOB) == "encode" and lin.tag(r.data.tags, lin.DATASET_ROOT)
+            == root for r in client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                f"tags.`{lin.DATASET_VERSION}` = '{encoded.name}'")):
+        return None
+    tags = lin.job_tags("encode", dataset_version=encoded.name, dataset_root=root,
+                        source_version=source.name, source_root=source.root,
+                        encoding_hash=summary["encoding_hash"], config_hash=config_hash(cfg),
+                        code_version=code_version())
+    with start_mlflow_run(uri, cfg.run.mlflow_experiment, f"encode-{encoded.name}",
+                          tags) as run:
+        lin.log_datasets(client, run.info.run_id, [
+            (lin.version_dataset(source), lin.CONTEXT_SOURCE),
+            (lin.version_dataset(encoded), lin.CONTEXT_OUTPUT)])
+        mlflow.log_metrics({k: float(summary[k]) for k in ("encoded", "reused", "rejected")
+                            if isinstance(summary.get(k), (int, float))})
+        return run.info.run_id
+
+
+def run_encode(cfg: EncodeConfig, progress: bool = True, track: bool = True
+               ) -> dict[str, Any]:
+    """Preflight, encode what is new, publish, log to MLflow (``track``); returns the job
+    summary."""
+    summary = _encode(cfg, progress)
+    if track:
+        cfg = resolve(cfg)
+        source = open_version(cfg.data.dataset_root, summary["source_version"])
+        encoded = open_version(summary["dataset_root"], summary["encoded_version"])
+        summary["mlflow_run_id"] = log_encode_to_mlflow(cfg, source, encoded, summary,
+                                                        only_if_missing=summary["up_to_date"])
+    return summary
+
+
+def _encode(cfg: EncodeConfig, progress: bool) -> dict[str, Any]:
     from ttm_ray.runtime import init_ray
     from ttm_ray.tracking import code_version
 
@@ -266,4 +315,4 @@ def run_encode(cfg: EncodeConfig, progress: bool = True) -> dict[str, Any]:
             **counts, "up_to_date": False, "seconds": round(time.perf_counter() - start, 1)}
 
 
-__all__ = ["preflight", "resolve", "run_encode"]
+__all__ = ["log_encode_to_mlflow", "preflight", "resolve", "run_encode"]

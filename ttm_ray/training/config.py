@@ -94,6 +94,9 @@ class CheckpointConfig:
     verify_export: bool = constrained(
         True, help="reload the export with build_model on the driver and compare it with the "
                    "engine's output on the probe batch (cheap for small models)")
+    registered_model: str = constrained(
+        "", help="MLflow Model Registry name the export is registered under as a new version "
+                 "(tags: run id, dataset version, config hash); empty: ttm-<family>-stage<N>")
 
     def resolved_storage(self, run: RunConfig) -> str:
         """Absolute local path or URI (Ray needs one every node agrees on)."""

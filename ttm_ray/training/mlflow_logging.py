@@ -6,7 +6,10 @@
 * Inside the worker loop, ``ray.air.integrations.mlflow.setup_mlflow`` (Ray Train V2 has no
   MLflow logger callback) attaches rank 0 to that run through ``MLFLOW_RUN_ID``; every other
   rank gets a no-op module, so call sites need no rank checks.
-* Params: the whole effective config, flattened. Tags: dataset version, code version.
+* Params: the whole effective config, flattened. Tags (``ttm_ray.lineage``'s vocabulary):
+  job, dataset version and root, config and code versions. The dataset (or encoded) version
+  the run reads is its MLflow dataset input (context ``training``); the export is registered
+  as a model version (:func:`register_export`).
   Metrics: loss, lr, grad norm, samples/s, tokens/s, step time, MFU, peak memory. Every M
   steps a GIF of the fixed validation clip next to a sample from the current weights.
 """
@@ -19,13 +22,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ttm_ray.config import config_hash
 from ttm_ray.tracking import code_version, ensure_experiment, flatten
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from ttm_ray.training.config import TrainConfig
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -37,29 +43,68 @@ def resolve_run(cfg: TrainConfig, run_storage: str, dataset_version: str,
     """The MLflow run id of this training run: the one recorded in storage, else a new run
     tagged with the dataset and code versions (recorded for the next submission); a run on
     an encoded version (``data.encoded``) is tagged ``ttm.encoded_version`` =
-    ``<encoded root>@<version>`` too."""
+    ``<encoded root>@<version>`` too. Either way the version is logged as the run's dataset
+    input (once: a resumed run already has it)."""
     import pyarrow.fs as pafs
-    from mlflow.tracking import MlflowClient
+
+    from ttm_ray import lineage as lin
 
     fs, root = pafs.FileSystem.from_uri(run_storage)
     path = f"{root}/{RUN_ID_FILE}"
-    client = MlflowClient(tracking_uri=cfg.run.resolved_mlflow_uri())
+    uri = cfg.run.resolved_mlflow_uri()
+    client = lin.client_for(uri)
     if fs.get_file_info(path).type == pafs.FileType.File:
         with fs.open_input_stream(path) as f:
             run_id = f.read().decode().strip()
-        client.get_run(run_id)  # fails loudly if the store no longer has it
-        return run_id
-    experiment_id = ensure_experiment(cfg.run.resolved_mlflow_uri(), cfg.run.mlflow_experiment)
-    tags = {"ttm.kind": "train", "ttm.dataset_version": dataset_version,
-            "ttm.code_version": code_version(), "ttm.model": f"{cfg.model.size} stage "
-            f"{cfg.model.stage}"}
-    if encoded:
-        tags["ttm.encoded_version"] = encoded
-    run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(run.info.run_id.encode())
-    return run.info.run_id
+        have = client.get_run(run_id).data.tags  # fails loudly if the store lost the run
+        # A run created before the ttm.* vocabulary gets the tags it lacks; present ones stay
+        # (they describe the run's first submission).
+        for key, value in run_tags(cfg, dataset_version, encoded).items():
+            if key not in have:
+                client.set_tag(run_id, key, value)
+    else:
+        experiment_id = ensure_experiment(uri, cfg.run.mlflow_experiment)
+        run_id = client.create_run(experiment_id, run_name=cfg.run.name,
+                                   tags=run_tags(cfg, dataset_version, encoded)).info.run_id
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(run_id.encode())
+    log_dataset_input(cfg, client, run_id, dataset_version)
+    return run_id
+
+
+def run_tags(cfg: TrainConfig, dataset_version: str, encoded: str | None) -> dict[str, str]:
+    from ttm_ray import lineage as lin
+
+    return lin.job_tags("train", dataset_version=dataset_version,
+                        dataset_root=cfg.data.encoded or cfg.data.dataset_root,
+                        config_hash=config_hash(cfg), code_version=code_version(),
+                        model=f"{cfg.model.size} stage {cfg.model.stage}",
+                        encoded_version=encoded)
+
+
+def log_dataset_input(cfg: TrainConfig, client: MlflowClient, run_id: str,
+                      dataset_version: str) -> None:
+    """The version the run reads (the encoded one with ``data.encoded``) as its MLflow
+    dataset input, context ``training``."""
+    from ttm_ray import lineage as lin
+    from ttm_ray.dataset.versions import open_version
+
+    version = open_version(cfg.data.encoded or cfg.data.dataset_root, dataset_version)
+    lin.log_datasets(client, run_id, [(lin.version_dataset(version), lin.CONTEXT_TRAINING)])
+
+
+def register_export(cfg: TrainConfig, run_id: str, export_dir: str,
+                    info: dict[str, Any]) -> dict[str, Any]:
+    """Register the run's export in the Model Registry (``checkpoint.registered_model``, by
+    default ``ttm-<family>-stage<N>``); returns name, version, model id and ``models:/`` URI."""
+    from ttm_ray import lineage as lin
+
+    name = cfg.checkpoint.registered_model or lin.default_model_name(cfg.model.family,
+                                                                     cfg.model.stage)
+    registered = lin.register_export(cfg.run.resolved_mlflow_uri(), run_id, export_dir, name,
+                                     info)
+    return registered.as_dict()
 
 
 # ---------------------------------------------------------------------------- worker side

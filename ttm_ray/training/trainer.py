@@ -164,8 +164,29 @@ def train(cfg: TrainConfig, preflight_only: bool = False) -> dict[str, Any]:
     }
     if cfg.checkpoint.export and result.checkpoint is not None:
         summary.update(export_on_worker(cfg, result.checkpoint))
+        summary.update(register(cfg, run_id, summary["export"]))
     summary["seconds"] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def register(cfg: TrainConfig, run_id: str, export_dir: str) -> dict[str, Any]:
+    """The export as a model version in the MLflow Model Registry (``registered_model``). A
+    store that refuses it does not undo the training run: the weights are written, the summary
+    says what failed, and the next submission of the run registers them."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    from ttm_ray.models.export import INFO
+    from ttm_ray.training.mlflow_logging import register_export
+
+    info = json.loads((Path(export_dir) / INFO).read_text())
+    try:
+        return {"registered_model": register_export(cfg, run_id, export_dir, info)}
+    except (MlflowException, OSError) as exc:
+        log.warning("export %s not registered in MLflow: %s", export_dir, exc)
+        return {"registered_model": None, "registered_model_error": f"{type(exc).__name__}: "
+                                                                    f"{exc}"}
 
 
 def export_on_worker(cfg: TrainConfig, checkpoint: Any) -> dict[str, Any]:
