@@ -31,7 +31,12 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     from jobs.generate import generate_items
     from ttm_ray.config import ConfigError, write_effective_config
     from ttm_ray.evaluation import registry
-    from ttm_ray.evaluation.benchmark import binding_counts, evaluate_variants, settings_markdown
+    from ttm_ray.evaluation.benchmark import (
+        binding_counts,
+        evaluate_variants,
+        record_rejects,
+        settings_markdown,
+    )
     from ttm_ray.evaluation.report import log_to_mlflow, write_report
     from ttm_ray.inference.items import load_items
     from ttm_ray.inference.stage_model import export_pixel_shape
@@ -58,7 +63,19 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
     if not skip_generation:
         generated = generate_items(cfg, items, variants, cfg.engine, progress=progress)
     frames = export_pixel_shape(cfg.generation.stage2.export)[0]
-    results, missing = evaluate_variants(evaluator, items, out, variants, frames, cfg.batch.fps)
+    # Scoring on Ray actors by default (decode + backbones where the GPUs are; the driver
+    # holds per-item values and FVD features only); evaluation.score.engine: local debugs.
+    score_engine = cfg.evaluation.score.resolved_engine(cfg.engine)
+    if score_engine == "ray":
+        from ttm_ray.runtime import init_ray
+
+        init_ray(cfg.run)
+    rejected: dict[str, list] = {}
+    results, missing = evaluate_variants(
+        evaluator, items, out, variants, frames, cfg.batch.fps, engine=score_engine,
+        evaluation=cfg.evaluation, resources=cfg.resources.score, rejected=rejected,
+        progress=progress, capacity_timeout_s=cfg.run.capacity_timeout_s)
+    rejects = record_rejects(out, rejected)
     if not results:
         raise RuntimeError(f"nothing to score: no setting produced output (see "
                            f"{out}/failures.jsonl)")
@@ -70,7 +87,7 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
         files += list(write_report(res, report, stem=v).values())
     table = report / "settings.md"
     table.write_text(f"# {cfg.evaluation.benchmark}: generation settings\n\n"
-                     + settings_markdown(results, bindings=bindings))
+                     + settings_markdown(results, bindings=bindings, rejected=rejects))
     files.append(table)
     import mlflow
 
@@ -90,10 +107,12 @@ def evaluate(cfg: Any, progress: bool = True, skip_generation: bool = False) -> 
         run_id = run.info.run_id
     print(f"[evaluate] report: {report} (settings table {table}); MLflow run {run_id}",
           file=sys.stderr)
-    print(settings_markdown(results, bindings=bindings), file=sys.stderr)
+    print(settings_markdown(results, bindings=bindings, rejected=rejects), file=sys.stderr)
     return {"report": str(report), "mlflow_run_id": run_id, "variants": variants,
             "scored": {v: r.subsets["all"]["n_videos"] for v, r in results.items()},
             "missing": {v: len(m) for v, m in missing.items()},
+            "rejected": {v: sum(c.values()) for v, c in rejects.items()},
+            "score_engine": score_engine,
             "generation": generated, "name_binding": bindings,
             "all": {v: {m: r.subsets["all"].get(m) for m in r.metrics}
                     for v, r in results.items()}}

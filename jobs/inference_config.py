@@ -15,6 +15,7 @@ from typing import Literal
 
 from data_prep.annotate import AnnotateConfig
 from ttm_ray.config import RunConfig, constrained
+from ttm_ray.config.resources import StageResources
 from ttm_ray.evaluation.config import EvaluationConfig
 from ttm_ray.inference.batch import BatchConfig, InferenceResources
 from ttm_ray.inference.config import GenerationConfig
@@ -98,6 +99,15 @@ class GenerateConfig:
 
 
 @dataclass
+class EvaluateResources(InferenceResources):
+    """Section ``resources:`` of the evaluate job: the generate job's pools plus the scorer
+    actors (decode + every enabled backbone; GPU nodes in production). ``batch_size`` is how
+    many chunks of ``evaluation.video_batch_size`` items an actor takes per call."""
+
+    score: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
 class EvaluateConfig:
     """``ttm-ray evaluate``: generate a benchmark's items under one or more settings and score
     them with the paper's metrics."""
@@ -110,7 +120,7 @@ class EvaluateConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
-    resources: InferenceResources = field(default_factory=InferenceResources)
+    resources: EvaluateResources = field(default_factory=EvaluateResources)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: Literal["local", "ray"] = constrained(
         "ray", help="ray: Ray Data actor pools (GPU nodes); local: in this process")

@@ -3,19 +3,24 @@ comparison of the paper's Table 5 (failure cases: how errors propagate between s
 
 Reads what batch generation wrote (``<out>/<variant>/<item>/video.mp4`` + ``generation.json``,
 :mod:`ttm_ray.inference.outputs`) and the manifest's reference videos, sampled exactly as
-generation sampled them (:func:`~ttm_ray.inference.items.load_pixels`). ViCLIP-T always
+generation sampled them (:func:`~ttm_ray.inference.items.load_pixels`). Decoding and scoring
+happen in :mod:`ttm_ray.evaluation.scoring` (Ray actors by default): this module plans, the
+driver only gathers per-item values and FVD features. ViCLIP-T always
 compares with the item's own prompt, so a setting that conditioned on wrong or dropped
 prompts is judged against the right one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ttm_ray.evaluation.config import EvalItem, Evaluator
+from ttm_ray.config.resources import StageResources
+from ttm_ray.evaluation.config import EvalItem, EvaluationConfig, Evaluator
 from ttm_ray.evaluation.report import SUBSET_ALL, EvaluationResults, column, format_value
 from ttm_ray.inference.items import GenerationItem, load_pixels
 from ttm_ray.inference.name_binding import METHODS
@@ -50,20 +55,51 @@ def eval_items(items: Sequence[GenerationItem], variant_dir: str | Path, frames:
 
 def evaluate_variants(evaluator: Evaluator, items: Sequence[GenerationItem],
                       out_dir: str | Path, variants: Sequence[str], frames: int,
-                      fps: float | None) -> tuple[dict[str, EvaluationResults],
-                                                  dict[str, list[str]]]:
+                      fps: float | None, *, engine: str = "local",
+                      evaluation: EvaluationConfig | None = None,
+                      resources: StageResources | None = None,
+                      rejected: dict[str, list[dict[str, Any]]] | None = None,
+                      progress: bool = True, capacity_timeout_s: float = 900.0
+                      ) -> tuple[dict[str, EvaluationResults], dict[str, list[str]]]:
     """``({variant: results}, {variant: item ids without output})``; a variant with no
-    output at all is left out of the results."""
+    scored item is left out of the results.
+
+    ``engine``: ``ray`` decodes and scores on a Ray Data actor pool placed by ``resources``
+    (the job's ``resources.score``; ``evaluation``: the config the actors build their
+    backbones from; Ray must be initialised); ``local`` in this process with
+    ``evaluator``. Either way the driver holds ids, paths, per-item values and FVD features
+    only
+    (:mod:`ttm_ray.evaluation.scoring`). Items that fail to decode or score are appended to
+    ``rejected[variant]`` (reason, detail) and left out of the tables.
+    """
+    from ttm_ray.evaluation.scoring import collect, plan_chunks, score_local, score_ray
+
+    if engine == "ray" and (evaluation is None or resources is None):
+        raise ValueError("engine 'ray' needs the EvaluationConfig the actors build from and "
+                         "their resources")
+    every = evaluation.score.progress_every if evaluation is not None else 10
     results, missing = {}, {}
     for v in variants:
         gone: list[str] = []
-        scored = list(eval_items(items, Path(out_dir) / v, frames, fps, gone))
+        rows = plan_chunks(items, Path(out_dir) / v, evaluator.video_batch_size, gone)
         missing[v] = gone
-        if not scored:
+        total = len(items) - len(gone)
+        if not rows:
             log.warning("variant %s: no generated item to score", v)
             continue
-        log.info("scoring %s: %d videos", v, len(scored))
-        results[v] = evaluator.evaluate(scored)
+        log.info("scoring %s: %d videos (%s)", v, total, engine)
+        stream = (score_ray(evaluation, rows, frames, fps, resources, progress,
+                            capacity_timeout_s)
+                  if engine == "ray" and evaluation is not None and resources is not None
+                  else score_local(evaluator, rows, frames, fps))
+        scored = collect(evaluator, stream, total, label=f"scoring {v}",
+                         progress_every=every)
+        if rejected is not None:
+            rejected[v] = scored.rejected
+        if scored.results is None:
+            log.warning("variant %s: every item was rejected at scoring", v)
+            continue
+        results[v] = scored.results
     return results, missing
 
 
@@ -100,10 +136,28 @@ def binding_markdown(bindings: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_rejects(out_dir: str | Path, rejected: dict[str, list[dict[str, Any]]]
+                   ) -> dict[str, dict[str, int]]:
+    """Append scoring's rejects to ``<out_dir>/failures.jsonl`` (beside generation's, with
+    ``stage: score``) and count them per setting and reason."""
+    from ttm_ray.inference.batch import FAILURES, failure
+
+    rows = [{**failure(r["video_id"], v, r["reason"], str(r["detail"])), "stage": "score"}
+            for v, rejects in rejected.items() for r in rejects]
+    if rows:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(out_dir) / FAILURES).open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {v: dict(Counter(r["reason"] for r in rejects))
+            for v, rejects in rejected.items() if rejects}
+
+
 def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSET_ALL,
-                      bindings: dict[str, dict[str, int]] | None = None) -> str:
+                      bindings: dict[str, dict[str, int]] | None = None,
+                      rejected: dict[str, dict[str, int]] | None = None) -> str:
     """One row per generation setting (the layout of the paper's Table 5); with
-    ``bindings`` (:func:`binding_counts` per setting) also how names were bound."""
+    ``bindings`` (:func:`binding_counts` per setting) also how names were bound; with
+    ``rejected`` (:func:`record_rejects`) the items each setting lost at scoring."""
     if not results:
         return "_no setting produced any output_\n"
     metrics = next(iter(results.values())).metrics
@@ -117,8 +171,12 @@ def settings_markdown(results: dict[str, EvaluationResults], subset: str = SUBSE
     lines += ["", "Backbones: " + "; ".join(f"{m}: {b}" for m, b in backbones.items())]
     if bindings:
         lines += ["", binding_markdown(bindings).rstrip("\n")]
+    if rejected and any(rejected.values()):
+        lines += ["", "Rejected at scoring (left out of the rows above; see failures.jsonl): "
+                  + "; ".join(f"{v}: " + ", ".join(f"{n} {reason}" for reason, n in c.items())
+                              for v, c in rejected.items() if c)]
     return "\n".join(lines) + "\n"
 
 
 __all__ = ["MULTI", "SINGLE", "binding_counts", "binding_markdown", "eval_items",
-           "evaluate_variants", "settings_markdown", "subset_of"]
+           "evaluate_variants", "record_rejects", "settings_markdown", "subset_of"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ttm_ray.config import constrained
 from ttm_ray.evaluation import registry
@@ -44,6 +44,31 @@ class EvalItem:
     reference: VideoLike | None = None
     caption: str | None = None
     subset: str | None = None  # e.g. "single-object" / "multi-object"; None: only in "all"
+
+
+@dataclass
+class ScoreSettings:
+    """Section ``evaluation.score:``: how scoring runs (:mod:`ttm_ray.evaluation.scoring`).
+    Where its actors run is the job's ``resources.score`` (a Ray Data row there is one chunk
+    of ``evaluation.video_batch_size`` items; the local path scores the same chunks, so both
+    give the same numbers)."""
+
+    engine: Literal["auto", "ray", "local"] = constrained(
+        "auto", help="ray: decode + score on Ray Data actor pools (the driver holds only "
+                     "per-item values and FVD features); local: in this process (debugging); "
+                     "auto: the job's `engine`, else ray when Ray is installed")
+    progress_every: int = constrained(10, gt=0, help="log a progress line every N items")
+
+    def resolved_engine(self, job_engine: str | None = None) -> str:
+        if self.engine != "auto":
+            return self.engine
+        if job_engine in ("ray", "local"):
+            return job_engine
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            return "local"
+        return "ray"
 
 
 @dataclass
@@ -77,6 +102,7 @@ class EvaluationConfig:
     viclip: ViClipConfig = field(default_factory=ViClipConfig)
     fvd: FvdConfig = field(default_factory=FvdConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    score: ScoreSettings = field(default_factory=ScoreSettings)
 
     def validate(self) -> None:
         known = registry.names()
@@ -149,7 +175,7 @@ class Evaluator:
     def need_caption(self) -> list[str]:
         return [m for m in self.metrics if self.specs[m].needs_caption]
 
-    def _check(self, item: EvalItem) -> None:
+    def check_item(self, item: EvalItem) -> None:
         """Fields the enabled metrics need, checked before a chunk is scored."""
         if self.need_reference and item.reference is None:
             raise ValueError(f"{item.video_id}: no reference video, which "
@@ -167,16 +193,16 @@ class Evaluator:
                                             if self.specs[m].set_level}
         for chunk in _chunks(items, self.video_batch_size):
             for item in chunk:
-                self._check(item)
-            rows, chunk_sets = self._score_chunk(chunk)
+                self.check_item(item)
+            rows, chunk_sets = self.score_chunk(chunk)
             per_video += rows
             for m, values in chunk_sets.items():
                 set_values[m] += values
         return EvaluationResults(self.benchmark, self.metrics,
-                                 self._aggregate(per_video, set_values),
+                                 self.aggregate(per_video, set_values),
                                  per_video, self.backbones)
 
-    def _score_chunk(self, chunk: list[EvalItem]
+    def score_chunk(self, chunk: list[EvalItem]
                      ) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
         # Decode once; every metric converts from uint8 as it needs.
         batch = Batch(
@@ -199,7 +225,7 @@ class Evaluator:
                     row[m] = v
         return rows, set_values
 
-    def _aggregate(self, per_video: list[dict[str, Any]], set_values: dict[str, list[Any]]
+    def aggregate(self, per_video: list[dict[str, Any]], set_values: dict[str, list[Any]]
                    ) -> dict[str, dict[str, Any]]:
         order = list(dict.fromkeys(r["subset"] for r in per_video if r["subset"] is not None))
         out: dict[str, dict[str, Any]] = {}
@@ -215,4 +241,4 @@ class Evaluator:
         return out
 
 
-__all__ = ["EvalItem", "EvaluationConfig", "Evaluator"]
+__all__ = ["EvalItem", "EvaluationConfig", "Evaluator", "ScoreSettings"]
