@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from data_prep.config import PrepConfig, StageResources
+from data_prep.engines import EngineConfig, ray_llm
 from data_prep.rows import reject_batch, to_table
 from data_prep.stages.caption import CaptionStage
 from data_prep.stages.clip import ClipStage
@@ -49,6 +50,10 @@ class StageSpec:
     args: tuple = ()
     resources: StageResources | None = None  # None: a CPU task with the default batch size
     actors: bool = False  # model stages hold weights: an actor pool loads them once per actor
+    # Set: the stage runs as ray.data.llm processors, ``processor(ds, *args, resources)``
+    # (engine.kind ray_data_llm, data_prep.engines.ray_llm) instead of our actor pool;
+    # ``factory`` still serves in-process runs (run_sequential, isolated re-runs).
+    processor: Callable[..., Any] | None = None
 
 
 def stage_specs(cfg: PrepConfig, done: Any, skipped: Any = None) -> list[StageSpec]:
@@ -71,12 +76,20 @@ def stage_specs(cfg: PrepConfig, done: Any, skipped: Any = None) -> list[StageSp
         StageSpec("clip", ClipStage, (cfg.clip,), cfg.cpu_stages),
         StageSpec("skip_done_clips", SkipDone, (done, skipped), cfg.cpu_stages),
         StageSpec("caption", CaptionStage, (cfg.caption,), cfg.resources.caption,
-                  actors=cfg.caption.engine.kind != "manifest"),
+                  actors=cfg.caption.engine.kind != "manifest",
+                  processor=_llm_processor(cfg.caption.engine, ray_llm.caption_processor)),
         StageSpec("prompts", PromptStage, (cfg.prompts,), cfg.resources.prompts,
-                  actors=cfg.prompts.engine.kind != "manifest"),
+                  actors=cfg.prompts.engine.kind != "manifest",
+                  processor=_llm_processor(cfg.prompts.engine, ray_llm.prompts_processor)),
         *masks,
         *scoring,
     ]
+
+
+def _llm_processor(engine: EngineConfig,
+                   processor: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``processor`` when the stage's engine runs through ray.data.llm, else None."""
+    return processor if engine.kind == ray_llm.RUNNER else None
 
 
 def guarded(name: str, stage: RowStage, rows: list[dict]) -> list[dict]:
@@ -168,7 +181,9 @@ def build_pipeline(cfg: PrepConfig, inputs: pa.Table, done: Any, stats: Any = No
         # (no named parameter exists yet): pass them anyway, without the warning per stage.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            if spec.actors:
+            if spec.processor is not None:  # ray.data.llm owns the pool and the batching
+                ds = spec.processor(ds, *spec.args, resources=res)
+            elif spec.actors:
                 ds = ds.map_batches(
                     ArrowStage, fn_constructor_kwargs=kwargs,
                     compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),

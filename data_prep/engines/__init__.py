@@ -21,7 +21,9 @@ def build_engine(cfg: EngineConfig) -> TextEngine:
         from data_prep.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(cfg)
-    if cfg.kind == "vllm":
+    # ray_data_llm stages run as ray.data.llm processors in the pipeline (engines.ray_llm);
+    # in-process runs (run_sequential, isolated re-runs) build this: the same model on vLLM.
+    if cfg.kind in ("vllm", "ray_data_llm"):
         from data_prep.engines.vllm_engine import VllmEngine
 
         return VllmEngine(cfg)

@@ -9,6 +9,9 @@ from typing import Any, Literal
 from ttm_ray.config import constrained
 from ttm_ray.model_folders import servable_problem
 
+#: Kinds that serve the model with vLLM (ours in an actor, or Ray Data LLM's processor).
+VLLM_KINDS = ("vllm", "ray_data_llm")
+
 
 @dataclass
 class EngineConfig:
@@ -17,12 +20,16 @@ class EngineConfig:
     ``manifest`` needs no model: the stage copies the answers the input brought
     (``given_caption``, ``given_motion_prompt``, ``given_object_prompts``); it is the default
     because it runs anywhere, and rows without such answers are rejected with a detail that
-    names this config. ``transformers`` runs on CPU or GPU (tests, small runs); ``vllm`` is the
-    production path on GPU nodes.
+    names this config. ``transformers`` runs on CPU or GPU (tests, small runs); ``vllm`` runs
+    the model in our own actor pool (one node or a cluster); ``ray_data_llm`` is the cluster
+    path: the same vLLM model through Ray's batch-inference library (``ray.data.llm``
+    processors, :mod:`data_prep.engines.ray_llm`), which then owns batching, the actor pool
+    and the engine lifecycle.
     """
 
-    kind: Literal["transformers", "vllm", "manifest"] = constrained(
-        "manifest", help="transformers | vllm | manifest (copy the answers given with the input)"
+    kind: Literal["transformers", "vllm", "ray_data_llm", "manifest"] = constrained(
+        "manifest", help="transformers | vllm | ray_data_llm (vllm through ray.data.llm "
+        "processors) | manifest (copy the answers given with the input)"
     )
     model_path: str | None = constrained(
         None, help="local model folder (vllm also takes a URI); required unless kind=manifest"
@@ -66,12 +73,15 @@ class EngineConfig:
             )
         if "model" in self.engine_kwargs:
             raise ValueError("engine_kwargs must not set 'model': use model_path")
-        if self.kind == "vllm" and self.device == "cpu":
-            raise ValueError("kind 'vllm' runs on CUDA only: use kind 'transformers' on CPU")
+        if self.kind in VLLM_KINDS and self.device == "cpu":
+            raise ValueError(f"kind {self.kind!r} runs on CUDA only: use kind 'transformers' "
+                             "on CPU")
         # A folder whose architecture the engine cannot serve (Llama-3.2-Vision under current
         # vLLM) would otherwise fail only when the GPU actor loads it, after the CPU stages ran.
         # Checked only where the folder exists here (see servable_problem).
-        problem = servable_problem("model_path", self.model_path, self.kind)
+        # ray_data_llm serves the folder with vLLM too: the same architectures apply.
+        engine = "vllm" if self.kind in VLLM_KINDS else self.kind
+        problem = servable_problem("model_path", self.model_path, engine)
         if problem:
             raise ValueError(problem)
 

@@ -7,7 +7,8 @@ architecture the configured engine cannot serve (``ttm_ray.model_folders.servabl
 
 ``vllm`` is CUDA-only and never installed in the CPU test env, so it is imported inside
 :class:`VllmEngine` only. The config mappings (:func:`vllm_llm_kwargs`,
-:func:`ray_data_llm_processor_config`) and the message building are pure functions, tested
+:func:`ray_data_llm_processor_config`, used by :mod:`data_prep.engines.ray_llm`), the
+message building and the sampling parameters are pure functions, tested
 without vLLM. The real-model test is ``tests/data_prep/test_engines.py::test_vllm_engine_gpu``
 (``@pytest.mark.gpu``): it runs on a CUDA machine with ``vllm`` installed and skips, saying
 why, anywhere else.
@@ -60,7 +61,8 @@ def ray_data_llm_processor_config(
 ) -> dict[str, Any]:
     """Keyword arguments for ``ray.data.llm.vLLMEngineProcessorConfig`` (Ray 2.60 names).
 
-    For running the same model through Ray's own LLM batch processor instead of our stage.
+    Runs the same model through Ray's own LLM batch processor instead of our stage
+    (``engine.kind: ray_data_llm``, :mod:`data_prep.engines.ray_llm`).
     Ray 2.60 dropped ``has_image``: images are enabled with ``prepare_multimodal_stage``.
     GPUs per replica come from ``tensor_parallel_size``; ``placement_group_config`` sets the
     per-worker bundle from the stage's ``resources`` (``num_gpus``/``num_cpus``).
@@ -73,6 +75,9 @@ def ray_data_llm_processor_config(
         "concurrency": (res.min_actors, res.max_actors),
         "batch_size": cfg.batch_size,
         "prepare_multimodal_stage": has_image,
+        # A request vLLM refuses (a too long prompt, an image it cannot read) must reject its
+        # row (engine_error), not fail the block with every other row in it.
+        "should_continue_on_error": True,
         "placement_group_config": {
             "bundle_per_worker": {"CPU": res.num_cpus, "GPU": res.num_gpus},
         },
@@ -101,19 +106,34 @@ def vllm_messages(request: ChatRequest) -> list[dict[str, Any]]:
     the part was; for string-only templates it inserts the model's image placeholder itself.
     So no per-model prompt string is built here.
     """
+    return chat_messages(request.user, [image_data_uri(im) for im in request.images],
+                         request.system)
+
+
+def chat_messages(user: str, image_urls: Sequence[str] = (),
+                  system: str | None = None) -> list[dict[str, Any]]:
+    """:func:`vllm_messages` from already encoded images (the Ray Data LLM processor keeps
+    the data URIs between attempts instead of decoding the frames again)."""
     messages: list[dict[str, Any]] = []
-    if request.system:
-        messages.append({"role": "system", "content": request.system})
-    if request.images:
-        content: Any = [
-            {"type": "image_url", "image_url": {"url": image_data_uri(im)}}
-            for im in request.images
-        ]
-        content.append({"type": "text", "text": request.user})
+    if system:
+        messages.append({"role": "system", "content": system})
+    if image_urls:
+        content: Any = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+        content.append({"type": "text", "text": user})
     else:
-        content = request.user
+        content = user
     messages.append({"role": "user", "content": content})
     return messages
+
+
+def sampling_params(cfg: EngineConfig, temperature: float | None = None,
+                    seed: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments of one request (``None``: the config's);
+    the seed only matters, and is only set, when sampling (greedy decoding is deterministic).
+    """
+    temp = cfg.temperature if temperature is None else temperature
+    return {"max_tokens": max_tokens or cfg.max_new_tokens, "temperature": temp,
+            "seed": (cfg.seed if seed is None else seed) if temp > 0 else None}
 
 
 def _is_vision_model(path: str) -> bool:
@@ -157,12 +177,8 @@ class VllmEngine:
         self.llm = vllm.LLM(**vllm_llm_kwargs(cfg))
 
     def _params(self, r: ChatRequest) -> Any:
-        temp = self.cfg.temperature if r.temperature is None else r.temperature
         return self._vllm.SamplingParams(
-            max_tokens=r.max_new_tokens or self.cfg.max_new_tokens,
-            temperature=temp,
-            seed=(self.cfg.seed if r.seed is None else r.seed) if temp > 0 else None,
-        )
+            **sampling_params(self.cfg, r.temperature, r.seed, r.max_new_tokens))
 
     def generate(self, requests: list[ChatRequest]) -> list[Answer]:
         answers: dict[int, Answer] = {}

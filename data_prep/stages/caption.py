@@ -132,18 +132,16 @@ class CaptionStage:
                 "caption_prompt_version": None}
 
     def _images(self, row: dict) -> list[np.ndarray]:
-        frames = read_frames(row["source_uri"], pick_frames(row["frame_indices"]))
-        return frame_images(frames, self.cfg.frames, self.cfg.image_size)
+        return clip_images(row, self.cfg)
 
     def _caption(self, out: list[dict], todo: list[int]) -> None:
         assert self.engine is not None
         images: dict[int, list[np.ndarray]] = {}
         for i in todo:
             row = out[i]
-            if not row.get("frame_indices") or not row.get("source_uri"):
-                out[i] = reject(row, STAGE, "stage_error",
-                                "row has no source_uri/frame_indices: the clip stage must run "
-                                "before the caption stage")
+            missing = missing_clip_reason(row)
+            if missing:
+                out[i] = reject(row, STAGE, "stage_error", missing)
                 continue
             try:
                 images[i] = self._images(row)
@@ -161,28 +159,69 @@ class CaptionStage:
             answers = generate_safely(self.engine, requests)
             still = []
             for i, answer in zip(pending, answers, strict=True):
-                if isinstance(answer, EngineError):
-                    history[i].append({"attempt": attempt + 1, "error": "engine_error",
-                                       "message": str(answer)})
+                caption = caption_attempt(history[i], attempt, answer)
+                if caption is None:
                     still.append(i)
-                    continue
-                try:
-                    out[i] = self._done(out[i], parse_caption(answer))
-                except LlmParseError as exc:
-                    history[i].append({"attempt": attempt + 1, "error": exc.reason_code,
-                                       "message": exc.message, "raw": answer[:_RAW_KEEP]})
-                    still.append(i)
+                else:
+                    out[i] = self._done(out[i], caption)
             pending = still
         for i in pending:
-            detail = json.dumps({"attempts": history[i]}, ensure_ascii=False)
-            # The model never answered: a fault of the run (transient). It answered, but
-            # nothing usable: a rerun samples the same seeds again (permanent).
-            never = all(h["error"] == "engine_error" for h in history[i])
-            reason = "engine_error" if never else "caption_failed"
+            reason, detail = caption_failure(history[i])
             out[i] = reject(self._done(out[i], None), STAGE, reason, detail)
 
     def _done(self, row: dict, caption: str | None) -> dict:
         assert self.engine is not None
-        return {**row, "caption": caption, "caption_engine": self.engine.name,
-                "caption_model": self.engine.model_id,
-                "caption_prompt_version": self.prompt_version}
+        return caption_fields(row, caption, self.engine.name, self.engine.model_id,
+                              self.prompt_version)
+
+
+# The pure steps of one clip's captioning, shared by CaptionStage and the Ray Data LLM
+# processor (data_prep.engines.ray_llm), so both write the same fields and reject reasons.
+def caption_prompt(cfg: CaptionConfig) -> tuple[str, str]:
+    """``(user prompt, prompt version)`` for ``cfg``'s template and frame layout."""
+    template = load_template(cfg.template)
+    return template.format(frames=LAYOUT_TEXT[cfg.frames]), f"{template.tag}/{cfg.frames}"
+
+
+def missing_clip_reason(row: dict) -> str | None:
+    """Why ``row`` cannot be captioned (no clip yet), or None."""
+    if not row.get("frame_indices") or not row.get("source_uri"):
+        return ("row has no source_uri/frame_indices: the clip stage must run before the "
+                "caption stage")
+    return None
+
+
+def clip_images(row: dict, cfg: CaptionConfig) -> list[np.ndarray]:
+    """The images the VLM sees for ``row``'s clip (first, middle, last frame)."""
+    frames = read_frames(row["source_uri"], pick_frames(row["frame_indices"]))
+    return frame_images(frames, cfg.frames, cfg.image_size)
+
+
+def caption_attempt(history: list[dict[str, Any]], attempt: int,
+                    answer: str | EngineError) -> str | None:
+    """The caption in ``answer`` (attempt ``attempt``, 0-based), or None after logging why
+    it is unusable in ``history``."""
+    if isinstance(answer, EngineError):
+        history.append({"attempt": attempt + 1, "error": "engine_error", "message": str(answer)})
+        return None
+    try:
+        return parse_caption(answer)
+    except LlmParseError as exc:
+        history.append({"attempt": attempt + 1, "error": exc.reason_code,
+                        "message": exc.message, "raw": answer[:_RAW_KEEP]})
+        return None
+
+
+def caption_failure(history: list[dict[str, Any]]) -> tuple[str, str]:
+    """``(reject reason, detail)`` of a clip no attempt captioned."""
+    detail = json.dumps({"attempts": history}, ensure_ascii=False)
+    # The model never answered: a fault of the run (transient). It answered, but nothing
+    # usable: a rerun samples the same seeds again (permanent).
+    never = all(h["error"] == "engine_error" for h in history)
+    return ("engine_error" if never else "caption_failed"), detail
+
+
+def caption_fields(row: dict, caption: str | None, engine: str, model: str,
+                   prompt_version: str | None) -> dict:
+    return {**row, "caption": caption, "caption_engine": engine, "caption_model": model,
+            "caption_prompt_version": prompt_version}

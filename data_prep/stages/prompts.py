@@ -67,7 +67,7 @@ class PromptConfig:
 
 
 @dataclass
-class _Task:
+class PromptTask:
     """One prompt of one row across attempts."""
 
     prompt: str
@@ -99,9 +99,9 @@ class PromptStage:
         for i, row in enumerate(out):
             if is_rejected(row):
                 continue
-            if not (row.get("caption") or "").strip():
-                out[i] = reject(row, STAGE, "stage_error",
-                                "row has no caption: the caption stage must run before prompts")
+            missing = missing_caption_reason(row)
+            if missing:
+                out[i] = reject(row, STAGE, "stage_error", missing)
             else:
                 todo.append(i)
         if self.manifest:
@@ -113,9 +113,7 @@ class PromptStage:
 
     # -------------------------------------------------------------------------- parsing
     def _parser(self, task: str) -> Callable[[str], Any]:
-        if task == "motion":
-            return parse_motion_prompt
-        return lambda text: parse_local_prompts(text, self.cfg.max_objects, self.truncate)
+        return prompt_parser(self.cfg, task)
 
     # --------------------------------------------------------------------------- manifest
     def _from_manifest(self, row: dict) -> dict:
@@ -138,7 +136,7 @@ class PromptStage:
     def _generate(self, out: list[dict], todo: list[int]) -> None:
         assert self.engine is not None
         tasks = {
-            (i, t): _Task(self.templates[t].format(caption=out[i]["caption"].strip()))
+            (i, t): PromptTask(self.templates[t].format(caption=out[i]["caption"].strip()))
             for i in todo for t in TASKS
         }
         parsers = {t: self._parser(t) for t in TASKS}
@@ -151,44 +149,75 @@ class PromptStage:
             requests = [ChatRequest(user=tasks[k].prompt, temperature=temperature, seed=seed)
                         for k in keys]
             for key, answer in zip(keys, generate_safely(self.engine, requests), strict=True):
-                task = tasks[key]
-                task.attempts += 1
-                entry: dict[str, Any] = {"attempt": attempt + 1}
-                if isinstance(answer, EngineError):
-                    task.log.append({**entry, "error": "engine_error", "message": str(answer)})
-                    continue
-                task.raw = answer
-                try:
-                    task.value, task.done = parsers[key[1]](answer), True
-                except LlmParseError as exc:
-                    task.log.append({**entry, "error": exc.reason_code, "message": exc.message,
-                                     "raw": answer[:_RAW_KEEP]})
+                prompt_attempt(tasks[key], attempt, answer, parsers[key[1]])
         for i in todo:
             out[i] = self._finish(out[i], tasks[(i, "motion")], tasks[(i, "local")])
 
-    def _finish(self, row: dict, motion: _Task, local: _Task) -> dict:
+    def _finish(self, row: dict, motion: PromptTask, local: PromptTask) -> dict:
         assert self.engine is not None
-        row = {
-            **row,
-            "prompts_engine": self.engine.name,
-            "prompts_model": self.engine.model_id,
-            "motion_prompt_version": self.templates["motion"].tag,
-            "local_prompt_version": self.templates["local"].tag,
-            "llm_raw_motion": motion.raw,
-            "llm_raw_local": local.raw,
-            # Rounds of asking: the larger of the two prompts' attempt counts.
-            "llm_attempts": max(motion.attempts, local.attempts),
-        }
-        if motion.done and local.done:
-            objects: list[ObjectPrompt] = local.value
-            return {**row, "c_motion": motion.value, "c_local": [o.as_dict() for o in objects]}
-        failed = [t for t in (motion, local) if not t.done]
-        if all(e["error"] == "engine_error" for t in failed for e in t.log):
-            reason = "engine_error"  # the model never answered: transient
-        elif not local.done and local.log and local.log[-1]["error"] == "no_objects":
-            reason = "no_objects"
-        else:
-            reason = "unparseable_llm_output"
-        detail = {name: {"ok": t.done, "attempts": t.log}
-                  for name, t in (("motion", motion), ("local", local))}
-        return reject(row, STAGE, reason, json.dumps(detail, ensure_ascii=False))
+        return finish_prompts(row, motion, local, self.engine.name, self.engine.model_id,
+                              self.templates["motion"].tag, self.templates["local"].tag)
+
+
+# The pure steps of one row's prompting, shared by PromptStage and the Ray Data LLM processor
+# (data_prep.engines.ray_llm), so both write the same fields and reject reasons.
+
+
+def prompt_parser(cfg: PromptConfig, task: str) -> Callable[[str], Any]:
+    """The strict parser of ``task``'s answers (``motion`` or ``local``)."""
+    if task == "motion":
+        return parse_motion_prompt
+    truncate = cfg.on_too_many_objects == "truncate"
+    return lambda text: parse_local_prompts(text, cfg.max_objects, truncate)
+
+
+def missing_caption_reason(row: dict) -> str | None:
+    """Why ``row`` cannot be prompted (no caption yet), or None."""
+    if not (row.get("caption") or "").strip():
+        return "row has no caption: the caption stage must run before prompts"
+    return None
+
+
+def prompt_attempt(task: PromptTask, attempt: int, answer: str | EngineError,
+                   parser: Callable[[str], Any]) -> None:
+    """Record attempt ``attempt`` (0-based) of ``task``: its parsed value, or why not."""
+    task.attempts += 1
+    entry: dict[str, Any] = {"attempt": attempt + 1}
+    if isinstance(answer, EngineError):
+        task.log.append({**entry, "error": "engine_error", "message": str(answer)})
+        return
+    task.raw = answer
+    try:
+        task.value, task.done = parser(answer), True
+    except LlmParseError as exc:
+        task.log.append({**entry, "error": exc.reason_code, "message": exc.message,
+                         "raw": answer[:_RAW_KEEP]})
+
+
+def finish_prompts(row: dict, motion: PromptTask, local: PromptTask, engine: str, model: str,
+                   motion_version: str, local_version: str) -> dict:
+    """``row`` with the prompts and their provenance, or its reject after all attempts."""
+    row = {
+        **row,
+        "prompts_engine": engine,
+        "prompts_model": model,
+        "motion_prompt_version": motion_version,
+        "local_prompt_version": local_version,
+        "llm_raw_motion": motion.raw,
+        "llm_raw_local": local.raw,
+        # Rounds of asking: the larger of the two prompts' attempt counts.
+        "llm_attempts": max(motion.attempts, local.attempts),
+    }
+    if motion.done and local.done:
+        objects: list[ObjectPrompt] = local.value
+        return {**row, "c_motion": motion.value, "c_local": [o.as_dict() for o in objects]}
+    failed = [t for t in (motion, local) if not t.done]
+    if all(e["error"] == "engine_error" for t in failed for e in t.log):
+        reason = "engine_error"  # the model never answered: transient
+    elif not local.done and local.log and local.log[-1]["error"] == "no_objects":
+        reason = "no_objects"
+    else:
+        reason = "unparseable_llm_output"
+    detail = {name: {"ok": t.done, "attempts": t.log}
+              for name, t in (("motion", motion), ("local", local))}
+    return reject(row, STAGE, reason, json.dumps(detail, ensure_ascii=False))
