@@ -134,3 +134,21 @@ def test_help_explains_staging(capsys) -> None:
     assert exc.value.code == 0
     assert "huggingface-cli download" in capsys.readouterr().out
     assert "models" in COMMANDS
+
+
+def test_ray_data_llm_captioner_is_checked_as_vllm(tmp_path: Path) -> None:
+    """The Ray Data LLM processor serves the folder with vLLM: Mllama there is refused too."""
+    from ttm_ray.ops.models_check import _engine_needs
+
+    class Engine:
+        kind, model_path = "ray_data_llm", str(tmp_path)
+
+    class Section:
+        engine = Engine()
+
+    class Cfg:
+        caption = Section()
+
+    [(field, path, info)] = _engine_needs(Cfg(), "caption", "caption VLM")
+    assert field == "caption.engine.model_path" and path == str(tmp_path)
+    assert info["engine"] == "vllm"

@@ -92,8 +92,10 @@ def _engine_needs(cfg: Any, section: str, what: str) -> list[tuple[str, str | No
     engine = _get(cfg, f"{section}.engine")
     if engine.kind == "manifest":  # answers copied from the input: no model
         return []
+    # ray_data_llm serves the folder with vLLM too (Ray Data LLM's processor): same check.
+    serving = "vllm" if engine.kind == "ray_data_llm" else engine.kind
     return [(f"{section}.engine.model_path", engine.model_path,
-             {"what": what, "engine": engine.kind})]
+             {"what": what, "engine": serving})]
 
 
 def _mask_needs(cfg: Any, prefix: str) -> list[tuple[str, str | None, dict]]:
