@@ -50,7 +50,7 @@ def _cuda_available() -> bool:
 #: own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find it)
 #: and the data-prep pipeline tests (on that worker's own local Ray), and the fake autoscaling
 #: cluster's tests and the production rehearsal (their own head and fake nodes, also in their
-#: own temp dir). Measured on a fresh clone (2026-12-07, 9c4d471): 32 minutes of tests, the
+#: own temp dir). Measured on a fresh clone (2026-12-07, bd57eca): 35 minutes of tests, the
 #: solo worker the longer one (its 18-minute rehearsal runs while the other worker does the tiny Ray
 #: Train runs, about a minute of start-up each, and the encoded-cache tests).
 _SOLO = ("tests/models/test_it_learns.py", "tests/ops/test_job_submit_e2e.py",
