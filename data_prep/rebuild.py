@@ -389,9 +389,9 @@ class RebuildLock:
     # -- progress: the heartbeat only vouches for a run that moves
     @contextlib.contextmanager
     def watch(self, probe: Callable[[], object] | None = None) -> Iterator[None]:
-        """Within this block, beat only while there is progress: :meth:`progress` calls or
-        a change in what ``probe()`` returns (checked once per heartbeat, so keep it cheap).
-        After ``stall_s`` without either the heartbeats stop for good."""
+        """Within this block, beat only while there is progress: a change in what
+        ``probe()`` returns (checked once per heartbeat, so keep it cheap; the rebuild's is
+        :func:`work_store_mark`). After ``stall_s`` without one the heartbeats stop for good."""
         self._probe = probe
         self._mark = self._probe_mark()
         self._progress_at = time.monotonic()
@@ -400,13 +400,6 @@ class RebuildLock:
             yield
         finally:
             self._watching, self._probe = False, None
-
-    def progress(self) -> None:
-        """The pipeline moved (rows or blocks done). Cheap, no I/O: call it per batch. Raises
-        once the lock was lost or the run declared stalled, so a loop calling it stops."""
-        self._progress_at = time.monotonic()
-        if self.lost or self.stalled:
-            self.check("going on")
 
     def _probe_mark(self) -> object:
         probe = self._probe  # watch() may clear it from the other thread

@@ -224,12 +224,11 @@ def test_heartbeat_follows_progress_and_stops_when_the_pipeline_stalls(tmp_path:
     lock.acquire()
     time.sleep(0.8)  # not watched (e.g. publishing): no progress needed to keep beating
     assert lock.stalled is None
-    with lock.watch():
-        calls = 0
+    done = [0]  # what the probe sees: rows done so far
+    with lock.watch(lambda: done[0]):
         beat_before = read_lock(lock.path)["heartbeat_at"]
-        while calls < 30:  # 1.5 s of a pipeline that moves: 3 x stall_s
-            lock.progress()
-            calls += 1
+        while done[0] < 30:  # 1.5 s of a pipeline that moves: 3 x stall_s
+            done[0] += 1
             time.sleep(0.05)
         assert lock.stalled is None
         assert read_lock(lock.path)["heartbeat_at"] > beat_before
@@ -242,8 +241,8 @@ def test_heartbeat_follows_progress_and_stops_when_the_pipeline_stalls(tmp_path:
     with pytest.raises(LockStalled, match=r"^no progress for [\d.]+ s .*heartbeats of .*"
                                           r"rebuild\.lock .*raise rebuild\.lock\.stall_s"):
         lock.check("publishing")
-    with pytest.raises(LockStalled):  # the pipeline's own call stops it too
-        lock.progress()
+    with pytest.raises(LockStalled):  # and before any later step
+        lock.check("going on")
     lock.release()
     assert not lock.path.exists()  # still ours: released at once, no need to go stale
 
@@ -276,7 +275,7 @@ def test_a_stalled_holder_is_taken_over_and_then_knows_it_lost_the_lock(tmp_path
         assert taker.takeover["previous"]["run_id"] == "rb-hung"
         assert "heartbeat" in taker.takeover["reason"]
         with pytest.raises(LockLost) as lost:
-            hung.progress()
+            hung.check("going on")
     message = str(lost.value)
     assert message.startswith(f"lock lost: {hung.path} was taken over by rebuild rb-taker ")
     assert f"pid {os.getpid()}" in message and "no progress for" in message
