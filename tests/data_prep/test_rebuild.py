@@ -522,38 +522,31 @@ def test_concurrent_rebuilds_one_runs_one_is_already_running_one_waits(
     assert read_status(root)["run_id"] == waited["run_id"]  # last.json: the last lock holder
 
 
-def rebuild_in_thread(cfg: RebuildConfig) -> tuple[threading.Thread, dict]:
-    """Run ``rebuild(cfg)`` in a thread; the dict gets its record or its exception."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["record"] = rebuild(cfg, progress=False, track=False)
-        except Exception as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 @pytest.mark.slow
 def test_a_rebuild_whose_lock_was_taken_over_publishes_nothing(
-        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict]) -> None:
+        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import data_prep.job
+
     out = tmp_path / "prep"
     root = out / "dataset"
     before = fake_version(root)
-    cfg = rebuild_config(first_n(corpus, 2), out)
-    thread, outcome = rebuild_in_thread(cfg)
-    # The pipeline has started once its work store exists: another rebuild takes the lock
-    # over now (as if this one had looked stale) and publishes a version of its own.
-    wait_for(lambda: (cfg.work_dir / "clips").is_dir() or not thread.is_alive())
-    plant_lock(root, "other-host", 4242, time.time(), run_id="rb-new-holder")
-    theirs = fake_version(root)
-    thread.join(timeout=300)
+    real, theirs = data_prep.job.run_pipeline, []
 
-    assert isinstance(outcome.get("error"), LockLost), outcome
-    message = str(outcome["error"])
+    def taken_over_meanwhile(*args, **kwargs):
+        # While the real pipeline ran, another rebuild took the lock over (as if this one
+        # had looked stale) and published a version of its own.
+        summary = real(*args, **kwargs)
+        plant_lock(root, "other-host", 4242, time.time(), run_id="rb-new-holder")
+        theirs.append(fake_version(root))
+        return summary
+
+    monkeypatch.setattr(data_prep.job, "run_pipeline", taken_over_meanwhile)
+    cfg = rebuild_config(first_n(corpus, 2), out)
+    with pytest.raises(LockLost) as lost:
+        rebuild(cfg, progress=False, track=False)
+    (theirs,) = theirs
+    message = str(lost.value)
     assert message.startswith(f"lock lost: {root / LOCK_NAME} was taken over by rebuild "
                               "rb-new-holder (host other-host, pid 4242")
     assert "before publishing" in message
@@ -571,11 +564,20 @@ def test_a_rebuild_whose_lock_was_taken_over_publishes_nothing(
 
 @pytest.mark.slow
 def test_a_rebuild_whose_pipeline_stalls_fails_with_no_progress_and_notifies(
-        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict]) -> None:
+        ray_local, corpus: Path, tmp_path: Path, webhook: list[dict],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import data_prep.job
+
     out = tmp_path / "prep"
     root = out / "dataset"
     before = fake_version(root)
-    # stall_s below what starting Ray Data and the first part take: the pipeline "hangs"
+    real = data_prep.job.run_pipeline
+
+    def hangs_first(*args, **kwargs):  # the pipeline "hangs" 4 x stall_s, then runs for real
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_prep.job, "run_pipeline", hangs_first)
     cfg = rebuild_config(first_n(corpus, 2), out, **{
         "rebuild": {"lock": {"ttl_s": 30, "heartbeat_s": 0.1, "stall_s": 0.5}},
         "output": {"dir": str(out), "flush_seconds": 0.2},
