@@ -171,3 +171,20 @@ def test_rehearse_end_to_end(tmp_path: Path) -> None:
     generated = list((runs / "generate").rglob("video.mp4"))
     assert generated, "batch generation wrote no video"
     assert list((runs / "eval-sav128").rglob("*.md")), "evaluation wrote no report"
+    # Issue 16 in production shape: evaluation scored on Ray actors (the job's JSON summary,
+    # last line of its log), and one lineage through the server: training runs read a
+    # dataset input, exports are registered, the evaluate run has the scored models as inputs.
+    evaluate_log = (root / "logs" / "evaluate.log").read_text().splitlines()
+    evaluated = json.loads(next(line for line in reversed(evaluate_log)
+                                if line.startswith("{")))
+    assert evaluated["score_engine"] == "ray", evaluated
+    for r in trained:
+        contexts = [t.value for i in client.get_run(r.info.run_id).inputs.dataset_inputs
+                    for t in i.tags if t.key == "mlflow.data.context"]
+        assert "training" in contexts, (r.info.run_name, contexts)
+    registered = {m.name for m in client.search_model_versions()}
+    assert {"ttm-dit-stage1", "ttm-dit-stage2"} <= registered, registered
+    (eval_run,) = [r for r in found if r.data.tags.get("ttm.kind") == "evaluate"]
+    scored = client.get_run(eval_run.info.run_id).inputs.model_inputs
+    assert {client.get_logged_model(m.model_id).name for m in scored} == {
+        "ttm-dit-stage1", "ttm-dit-stage2"}
