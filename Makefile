@@ -19,7 +19,7 @@ quickstart: setup
 ## pipeline, job-submit and rehearsal tests in the other); 36 minutes from a fresh clone on 2
 ## cores, setup included (measured 2026-12-07).
 test: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 ## lint: ruff, then hadolint on the image's Dockerfile (ignored rules, with their reasons, in
 ## cluster/docker/.hadolint.yaml).
