@@ -4,11 +4,14 @@
     ttm-ray plan train --config jobs/configs/train/dit_stage2.yaml
     ttm-ray plan train --config jobs/configs/train/unet_stage1.yaml --gpu-memory-gib 40
     ttm-ray plan train --config ... --set batch.micro_batch=2 --set batch.global_batch=64
+    ttm-ray plan train --config jobs/configs/train/dit_stage1_tiny.yaml --cpu \
+        --set scaling.num_workers=1
 
 ``plan model`` prints the parameters by component and the forward FLOPs per sample of the
 config's model. ``plan train`` prints per-GPU memory under ZeRO-2 and ZeRO-3 (with
 DeepSpeed's own estimate beside it), step time and wall-clock at an assumed MFU, and the
-gradient traffic per step against the interconnect; it says when the configured ZeRO stage
+gradient traffic per step against the interconnect with the part the compute cannot hide
+(the overlap model is printed); it says when the configured ZeRO stage
 does not fit (``--require-fit`` turns that into exit status 1). The last stdout line is the
 JSON summary.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from jobs.common import CONFIG_EPILOG, load_job_config, run_job, setup_logging
 
@@ -48,6 +51,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override a config key (repeatable)")
     for flag, (_, kind, text) in _HARDWARE_FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--cpu", action="store_true",
+                   help="plan for this machine's CPU as the device (peak measured by a matmul "
+                        "benchmark in the run's dtype, memory = RAM, MFU 1.0 unless --mfu); "
+                        "for a single-worker run, e.g. --set scaling.num_workers=1")
     p.add_argument("--skip-activations", action="store_true",
                    help="do not measure activations (faster; totals become a lower bound)")
     p.add_argument("--require-fit", action="store_true",
@@ -64,10 +71,15 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg = load_job_config(TrainConfig, args)
         values = {field: getattr(args, flag[2:].replace("-", "_"))
                   for flag, (field, _, _) in _HARDWARE_FLAGS.items()}
-        if values["peak_tflops"] is None:
-            values["peak_tflops"] = cfg.logging.peak_tflops_per_worker
+        if args.cpu:
+            base = Hardware.cpu(bf16=cfg.deepspeed.bf16)
+        else:
+            base = Hardware()
+            if values["peak_tflops"] is None:
+                values["peak_tflops"] = cfg.logging.peak_tflops_per_worker
         known = {f.name for f in fields(Hardware)}
-        hardware = Hardware(**{k: v for k, v in values.items() if v is not None and k in known})
+        hardware = replace(base, **{k: v for k, v in values.items()
+                                    if v is not None and k in known})
         plan = plan_training(cfg, hardware, measure_activations=not args.skip_activations)
         print(plan.format())
         if args.require_fit and not plan.memory[plan.configured_stage].fits:

@@ -28,24 +28,50 @@ DeepSpeed runs it):
   documented footprint).
 * activations: **measured**, not modelled: one forward + backward of one micro batch of the
   real model on the ``meta`` device (nothing allocated, seconds even for dit-4b), tracking the
-  bytes of live tensors; the peak is what the step needs beyond the model states. Attention is
+  bytes of tensor storages created during the step and still alive (:class:`LiveBytes`); the
+  peak is what the step needs beyond the model states. The storages of the parameters and
+  buffers are registered as already there, so their views (``weight.t()`` in a linear layer,
+  slices, a no-op ``.to``) are not activations; a real copy (a cast of a parameter to another
+  dtype) is a new storage and counts (the model is converted to the run's dtype first, as
+  DeepSpeed does, so forward casts no weights). Parameter gradients are dropped as they arrive
+  (DeepSpeed moves them into its buckets, counted with the model states). Attention is
   accounted as the fused kernels the GPU runs (flash / FlexAttention keep q, k, v, the output
   and the log-sum-exp, never an ``N x M`` matrix or mask). Activation checkpointing is
-  measured as configured.
+  measured as configured. ``tests/training/test_plan.py`` checks the probe against the CPU
+  allocator's own record (the profiler's memory events) of a real forward + backward: within
+  20% (measured about 1-2%).
 * frozen encoders: their weights in their dtype (counted from their config files on the meta
-  device; reported as unknown when the folder is not on this machine); none with
-  ``data.encoded`` (the encoded-latent cache: they never run on the training GPUs).
+  device, or the paper's reference architectures when the folder is not on this machine);
+  none with ``data.encoded`` (the encoded-latent cache: they never run on the training GPUs).
+  The plan prints which.
 * a fixed reserve for the CUDA context, NCCL and allocator fragmentation.
+
+The model states are cross-checked against DeepSpeed's own
+``estimate_zero{2,3}_model_states_mem_needs`` (:func:`deepspeed_estimate` calls them; the
+plan prints both numbers and whether they agree).
 
 Time: training FLOPs per sample from :mod:`ttm_ray.models.flops` (3x forward, 4x with
 activation checkpointing) plus the frozen encoders' forward FLOPs (:func:`encoder_flops`,
 counted on the meta device from their folders or the paper's reference architectures; zero
-with ``data.encoded``) x samples per GPU per step, at ``mfu`` of ``peak_tflops``. Gradient
-communication per GPU per step (ring
-collectives move ``(N-1)/N`` of the buffer): ZeRO-2 reduce-scatters bf16 gradients every
-micro batch and all-gathers the updated bf16 parameters once; ZeRO-3 all-gathers parameters
-for the forward and again for the backward of every micro batch and reduce-scatters the
-gradients. It runs at the inter-node bandwidth when the workers span nodes.
+with ``data.encoded``) x samples per GPU per step, at ``mfu`` of ``peak_tflops``
+(:meth:`Hardware.cpu` describes this machine's CPU, its peak measured by a matmul benchmark;
+a test compares the predicted step time with real CPU steps and prints the ratio).
+
+Communication per GPU per step (ring collectives move ``(N-1)/N`` of the buffer): ZeRO-2
+reduce-scatters bf16 gradients every micro batch and all-gathers the updated bf16 parameters
+once; ZeRO-3 all-gathers parameters for the forward and again for the backward of every micro
+batch and reduce-scatters the gradients. It runs at the inter-node bandwidth when the workers
+span nodes. Overlap is modelled, not assumed (:func:`comm_exposure`; the plan prints the
+assumption and each stage's exposed and hidden seconds; step = compute + exposed):
+
+* ZeRO-2: each ``reduce_bucket_size`` bucket's reduce starts when backward has filled it, so
+  it hides behind the rest of backward; the last bucket, and whatever exceeds the backward
+  time, is exposed; without ``overlap_comm`` all of it is. The parameter all-gather after the
+  optimizer step has no compute left to hide behind: exposed.
+* ZeRO-3: parameter gathers are prefetched in ``stage3_prefetch_bucket_size`` buckets and hide
+  behind forward / backward compute up to its time (the first bucket exposed); the gradient
+  reduce-scatter shares the link with the backward gathers, its last bucket exposed. Launch
+  latency and per-module hook overhead are not modelled: ZeRO-3's time is a lower bound.
 """
 
 from __future__ import annotations
@@ -55,7 +81,7 @@ import json
 import math
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +121,40 @@ class Hardware:
         300.0, gt=0, help="per-GPU collective bandwidth inside a node (NVLink 3: ~300 GB/s)")
     inter_node_gb_per_s: float = constrained(
         25.0, gt=0, help="per-GPU bandwidth across nodes (200 Gb/s InfiniBand: 25 GB/s)")
+
+    @classmethod
+    def cpu(cls, *, bf16: bool = False, mfu: float = 1.0,
+            peak_tflops: float | None = None) -> Hardware:
+        """This machine's CPU as the one "GPU" of a single-worker plan: ``peak_tflops``
+        measured by :func:`measure_matmul_tflops` in the run's dtype (unless given), memory =
+        the machine's RAM, no reserve (no CUDA context). ``mfu`` is then the share of the
+        large-matmul rate the model reaches (1.0: as fast as the benchmark)."""
+        import os
+
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        peak = peak_tflops if peak_tflops is not None else measure_matmul_tflops(dtype)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+        return cls(name=f"CPU ({torch.get_num_threads()} threads, "
+                        f"{str(dtype).removeprefix('torch.')} matmul {peak * 1e3:.0f} GFLOPS)",
+                   gpu_memory_gib=ram, reserved_gib=0.0, peak_tflops=peak, mfu=mfu,
+                   gpus_per_node=1)
+
+
+def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024,
+                          repeats: int = 5) -> float:
+    """Dense matmul throughput of this machine's CPU in TFLOPS (best of ``repeats`` square
+    ``size`` matmuls after a warm-up, so a busy neighbour lowers it less)."""
+    import time
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up: thread pool, packing buffers
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -153,6 +213,100 @@ def gradient_comm_bytes(params: int, world: int, zero_stage: int, grad_accum: in
     # ZeRO-3: per micro batch, gather (forward), gather (backward), reduce-scatter.
     collectives = grad_accum + 1 if zero_stage == 2 else 3 * grad_accum
     return int(collectives * elem * params * ring)
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """Seconds of one step's communication the compute cannot hide (``exposed``) and the rest
+    (``hidden``), per GPU."""
+
+    exposed: float
+    hidden: float
+
+    @property
+    def total(self) -> float:
+        return self.exposed + self.hidden
+
+
+def _bucket_fractions(params: int, bucket: int) -> tuple[float, float]:
+    """(first, last) bucket as fractions of ``params`` elements: buckets fill in order and the
+    last one holds the remainder."""
+    if params <= 0:
+        return 1.0, 1.0
+    bucket = max(1, min(int(bucket), params))
+    last = params % bucket or bucket
+    return bucket / params, last / params
+
+
+def _trailing(comm: float, compute: float, first: float, last: float) -> float:
+    """Exposed seconds of ``comm`` that starts bucket by bucket as ``compute`` produces its
+    input (gradient reduce in backward): nothing before the first bucket fills, the last
+    bucket's reduce after compute ends."""
+    return max(comm * last, comm - compute * (1 - first))
+
+
+def _prefetched(comm: float, compute: float, first: float, last: float) -> float:
+    """Exposed seconds of ``comm`` that must finish, bucket by bucket, before ``compute`` uses
+    it (ZeRO-3's parameter gathers): the first bucket's gather cannot be hidden, nor the last
+    bucket's compute when the link is the bottleneck."""
+    return max(comm * first, comm - compute * (1 - last))
+
+
+def overlap_assumption(zero_stage: int, overlap_comm: bool) -> str:
+    """The overlap model :func:`comm_exposure` applies, in words (printed with the plan)."""
+    if zero_stage == 2:
+        reduce = ("reduce-scatters each gradient bucket as backward fills it (overlap_comm), "
+                  "hidden behind the rest of backward, the last bucket exposed"
+                  if overlap_comm else
+                  "reduces gradient buckets synchronously in backward (overlap_comm off): "
+                  "all exposed")
+        return (f"ZeRO-2 {reduce}; its parameter all-gather after the optimizer step "
+                "is exposed")
+    reduce = ("reduce-scatters gradient buckets behind backward, the last bucket exposed"
+              if overlap_comm else "reduces gradients synchronously (overlap_comm off): exposed")
+    return (f"ZeRO-3 prefetches parameter gathers (forward and backward) in "
+            f"{ZERO3_PREFETCH_BUCKET / 1e6:g}M-element buckets, hidden behind compute up to "
+            f"its time, the first bucket exposed; {reduce} (latency and hook overhead not "
+            "modelled: a lower bound)")
+
+
+def comm_exposure(zero_stage: int, params: int, world: int, *, grad_accum: int,
+                  forward_s: float, backward_s: float, bandwidth_gb_per_s: float,
+                  ds: DeepSpeedConfig, bf16: bool = True) -> Exposure:
+    """Which of a step's communication (:func:`gradient_comm_bytes`) the compute hides.
+
+    ``forward_s``/``backward_s`` are one micro batch's compute on one GPU (backward includes
+    the recompute of activation checkpointing). Per micro batch (uniform gradient production
+    and bucket sizes in elements; DeepSpeed's streams as documented):
+
+    * ZeRO-2: the gradient reduce of each ``reduce_bucket_size`` bucket starts when backward
+      has filled it: hidden up to the backward time left after the first bucket, the last
+      bucket exposed (:func:`_trailing`); without ``overlap_comm`` all of it waits. Once per
+      step the updated bf16 parameters are all-gathered after the optimizer step: nothing
+      left to overlap, so exposed.
+    * ZeRO-3: the forward and backward parameter gathers are prefetched in
+      ``stage3_prefetch_bucket_size`` buckets, hidden behind forward / backward compute except
+      the first bucket (:func:`_prefetched`); in backward the gradient reduce-scatter shares
+      the link with the gathers (their sum is hidden up to the backward time), its last
+      bucket exposed; without ``overlap_comm`` the reduce waits.
+    """
+    if world <= 1:
+        return Exposure(0.0, 0.0)
+    ring = (world - 1) / world
+    one = (2 if bf16 else 4) * params * ring / (bandwidth_gb_per_s * 1e9)  # one collective
+    r_first, r_last = _bucket_fractions(params, ds.reduce_bucket_size)
+    if zero_stage == 2:
+        reduce = _trailing(one, backward_s, r_first, r_last) if ds.overlap_comm else one
+        exposed = grad_accum * reduce + one
+        return Exposure(exposed, (grad_accum + 1) * one - exposed)
+    g_first, g_last = _bucket_fractions(params, ZERO3_PREFETCH_BUCKET)
+    forward = _prefetched(one, forward_s, g_first, g_last)
+    if ds.overlap_comm:  # gathers and reduces share the link behind backward
+        backward = max(one * g_first + one * r_last, 2 * one - backward_s * (1 - g_last))
+    else:
+        backward = _prefetched(one, backward_s, g_first, g_last) + one
+    exposed = grad_accum * (forward + min(backward, 2 * one))
+    return Exposure(exposed, 3 * grad_accum * one - exposed)
 
 
 def deepspeed_estimate(params: int, largest_layer: int, world: int, zero_stage: int
@@ -232,9 +386,13 @@ def _fused_attention_accounting() -> Iterator[None]:
 class LiveBytes:
     """Bytes of tensor storages created inside ``with LiveBytes() as t:`` and still alive
     (``t.live``), and their peak (``t.peak``). Works on the meta device, where storages have
-    a size but no memory: a model's footprint without allocating it."""
+    a size but no memory: a model's footprint without allocating it.
 
-    def __init__(self) -> None:
+    ``exclude``: tensors that exist already (a model's parameters and buffers); outputs that
+    share their storage (views such as ``w.t()``) are not counted, new storages (``w.to``
+    another dtype) are."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
         from torch.utils.weak import WeakIdKeyDictionary
@@ -242,6 +400,10 @@ class LiveBytes:
         tracker = self
         self.live = self.peak = 0
         seen = WeakIdKeyDictionary()
+        # Storages that exist before the step (parameters, buffers): a view of one (``w.t()``,
+        # ``w[:n]``, a no-op ``.to``) returns the same storage and must not count as new.
+        for tensor in exclude:
+            seen[tensor.untyped_storage()] = None
 
         def free(nbytes: int) -> None:
             tracker.live -= nbytes
@@ -274,7 +436,8 @@ def measure_activation_bytes(model_cfg: ModelConfig, micro_batch: int, *,
     """Peak bytes of activations (and backward temporaries) of one training micro batch.
 
     Builds the model on the meta device (``init_from`` is not loaded), runs forward and
-    backward under a live-storage tracker; parameter gradients are dropped as they arrive
+    backward under a live-storage tracker that leaves out the parameters, buffers and their
+    views (model states, counted separately); parameter gradients are dropped as they arrive
     (DeepSpeed moves them into its buckets, counted with the model states).
     """
     from ttm_ray.models import build_model
@@ -290,7 +453,8 @@ def measure_activation_bytes(model_cfg: ModelConfig, micro_batch: int, *,
     x, t, cond = example_inputs(cfg, model, micro_batch, text_tokens=text_tokens,
                                 local_tokens=local_tokens, device="meta")
     x, cond = x.to(dtype), cond.to("meta", dtype)
-    with _fused_attention_accounting(), LiveBytes() as tracker:
+    resident = [*model.parameters(), *model.buffers()]
+    with _fused_attention_accounting(), LiveBytes(exclude=resident) as tracker:
         out = model(x, t, cond)
         out.float().square().mean().backward()
     return int(tracker.peak)
@@ -479,14 +643,31 @@ class MemoryPlan:
 
 @dataclass
 class CommPlan:
+    """One ZeRO stage's communication per GPU per step, and how much of it the step waits for
+    (:func:`comm_exposure`; ``assumption`` says how, in words)."""
+
     zero_stage: int
     bytes_per_step: int
     bandwidth_gb_per_s: float
     scope: str  # "inter-node" | "intra-node" | "none"
+    exposed_seconds: float = 0.0
+    assumption: str = ""
 
     @property
     def seconds(self) -> float:
         return self.bytes_per_step / (self.bandwidth_gb_per_s * 1e9)
+
+    @property
+    def hidden_seconds(self) -> float:
+        return max(0.0, self.seconds - self.exposed_seconds)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _flops(n: float) -> str:
+    return f"{n / 1e12:.3f} TFLOP" if n >= 1e11 else f"{n / 1e9:.3f} GFLOP"
 
 
 @dataclass
@@ -524,11 +705,14 @@ class TrainPlan:
                  * self.micro_batch * self.grad_accum)
         return flops / (self.hardware.peak_tflops * 1e12 * self.hardware.mfu)
 
+    @property
+    def forward_flops_per_sample(self) -> int:
+        """The denoiser's forward FLOPs (training = 3x forward, 4x with checkpointing)."""
+        return self.flops_per_sample // (4 if self.activation_checkpointing else 3)
+
     def step_seconds(self, zero_stage: int) -> float:
-        """Compute and communication overlapped (``overlap_comm``) or added."""
-        comm = self.comm[zero_stage].seconds
-        return max(self.compute_seconds, comm) if self.overlap_comm \
-            else self.compute_seconds + comm
+        """Compute plus the communication it cannot hide (:func:`comm_exposure`)."""
+        return self.compute_seconds + self.comm[zero_stage].exposed_seconds
 
     def verdict(self, zero_stage: int | None = None) -> str:
         """One line: fits or not, with the biggest lever when it does not."""
@@ -580,30 +764,59 @@ class TrainPlan:
             "",
             f"  per-GPU memory (GiB)          {'ZeRO-2':>8} {'ZeRO-3':>8}",
             *(f"  {name:<30}{gib(a)} {gib(b)}" for name, a, b in rows),
-            f"  {'fits in ' + format(hw.gpu_memory_gib, 'g') + ' GiB':<30}"
+            f"  {'fits in ' + format(hw.gpu_memory_gib, '.4g') + ' GiB':<30}"
             f"{'yes' if m2.fits else 'NO':>8} {'yes' if m3.fits else 'NO':>8}",
             "",
-            f"  compute: {self.flops_per_sample / 1e12:.2f} TFLOP per training sample; "
+            f"  compute: {_flops(self.flops_per_sample)} per training sample; "
             f"{self.compute_seconds:.3f} s per step at {hw.mfu:.0%} MFU of "
             f"{hw.peak_tflops:g} TFLOPS",
-            "  frozen encoders: " + (
-                "not countable here" if self.encoder_flops_per_sample is None
-                else "none on the training GPUs (data.encoded)"
-                if self.encoder_flops_per_sample == 0
-                else f"{self.encoder_flops_per_sample / 1e12:.3f} TFLOP forward per sample "
-                     "(in the step time; data.encoded removes them)"),
+            f"  frozen encoders: {self._encoder_text()}",
+            f"  DeepSpeed cross-check: {self._deepspeed_text()}",
+            "",
         ]
+        if self.world > 1:
+            lines += [f"  overlap: {self.comm[stage].assumption}" for stage in ZERO_STAGES]
+        else:
+            lines.append("  overlap: one worker, no gradient communication")
         for stage in ZERO_STAGES:
             c = self.comm[stage]
             step = self.step_seconds(stage)
             lines.append(
                 f"  ZeRO-{stage}: {c.bytes_per_step / 1e9:.2f} GB sent per GPU per step "
-                f"({c.scope}, {c.bandwidth_gb_per_s:g} GB/s: {c.seconds:.3f} s); step "
-                f"{step:.3f} s -> {self.max_steps:,} steps in {step * self.max_steps / 3600:.1f} h"
-                f" ({'overlapped' if self.overlap_comm else 'not overlapped'})")
+                f"({c.scope}, {c.bandwidth_gb_per_s:g} GB/s: {c.seconds:.3f} s = "
+                f"{c.exposed_seconds:.3f} s exposed + {c.hidden_seconds:.3f} s hidden); step "
+                f"{self.compute_seconds:.3f} + {c.exposed_seconds:.3f} = {step:.3f} s -> "
+                f"{self.max_steps:,} steps in {step * self.max_steps / 3600:.1f} h")
         lines += ["", f"  configured: {self.verdict()}"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _encoder_text(self) -> str:
+        """Whether the frozen encoders are in the memory and the step time, and how much."""
+        enc = self.memory[2].encoders
+        if self.encoder_flops_per_sample == 0 and enc == 0:
+            return "not counted: data.encoded (they never run on the training GPUs)"
+        weights = "weights not countable here" if enc is None \
+            else f"{_bytes(enc)} of weights in the memory"
+        flops = "FLOPs not countable here" if self.encoder_flops_per_sample is None \
+            else (f"{_flops(self.encoder_flops_per_sample)} forward per sample in the step "
+                  "time")
+        return f"counted ({weights}; {flops}); data.encoded removes them"
+
+    def _deepspeed_text(self) -> str:
+        """The model states against DeepSpeed's own estimators (:func:`deepspeed_estimate`)."""
+        parts = []
+        for stage in ZERO_STAGES:
+            mem = self.memory[stage]
+            if mem.deepspeed_states is None:
+                return ("not applicable (DeepSpeed's estimators assume bf16 mixed precision, "
+                        "or DeepSpeed is not installed)")
+            ours, theirs = mem.states.total, mem.deepspeed_states
+            diff = abs(ours - theirs) / max(theirs, 1)
+            verdict = "agree" if diff < 0.01 else f"DIFFER by {diff:.1%}"
+            parts.append(f"ZeRO-{stage} {ours / GIB:.2f} vs {theirs / GIB:.2f} GiB {verdict}")
+        return ("model states vs deepspeed's estimate_zero2/3_model_states_mem_needs: "
+                + "; ".join(parts))
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record (GiB, seconds, hours)."""
@@ -622,6 +835,8 @@ class TrainPlan:
                       for s in ZERO_STAGES},
             "comm_gb_per_step": {f"zero{s}": round(c.bytes_per_step / 1e9, 3)
                                  for s, c in self.comm.items()},
+            "comm_exposed_seconds": {f"zero{s}": round(c.exposed_seconds, 4)
+                                     for s, c in self.comm.items()},
             "hardware": asdict(self.hardware),
         }
 
@@ -699,6 +914,11 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
     nodes = math.ceil(world / hw.gpus_per_node)
     scope = "none" if world == 1 else "inter-node" if nodes > 1 else "intra-node"
     bandwidth = hw.inter_node_gb_per_s if nodes > 1 else hw.intra_node_gb_per_s
+    # One micro batch's denoiser compute on one GPU: what communication can hide behind.
+    rate = hw.peak_tflops * 1e12 * hw.mfu
+    train_flops = report.training_per_sample(cfg.model.activation_checkpointing)
+    forward_s = report.total * cfg.batch.micro_batch / rate
+    backward_s = (train_flops - report.total) * cfg.batch.micro_batch / rate
     memory, comm = {}, {}
     for stage in ZERO_STAGES:
         memory[stage] = MemoryPlan(
@@ -709,9 +929,13 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
             reserved=int(hw.reserved_gib * GIB), capacity=int(hw.gpu_memory_gib * GIB),
             deepspeed_states=deepspeed_estimate(params, largest, world, stage) if bf16
             else None)
+        exposure = comm_exposure(stage, params, world, grad_accum=cfg.batch.grad_accum,
+                                 forward_s=forward_s, backward_s=backward_s,
+                                 bandwidth_gb_per_s=bandwidth, ds=cfg.deepspeed, bf16=bf16)
         comm[stage] = CommPlan(stage, gradient_comm_bytes(params, world, stage,
                                                           cfg.batch.grad_accum, bf16),
-                               bandwidth, scope)
+                               bandwidth, scope, exposure.exposed,
+                               overlap_assumption(stage, cfg.deepspeed.overlap_comm))
     return TrainPlan(
         run=cfg.run.name,
         model=f"{cfg.model.family} {cfg.model.size} stage {cfg.model.stage}, latent "
@@ -720,24 +944,29 @@ def plan_training(cfg: TrainConfig, hardware: Hardware | None = None, *,
         micro_batch=cfg.batch.micro_batch, grad_accum=cfg.batch.grad_accum,
         global_batch=cfg.batch.global_batch, max_steps=cfg.optim.max_steps,
         tokens=report.tokens,
-        flops_per_sample=report.training_per_sample(cfg.model.activation_checkpointing),
+        flops_per_sample=train_flops,
         activation_checkpointing=cfg.model.activation_checkpointing,
         configured_stage=cfg.deepspeed.zero_stage, overlap_comm=cfg.deepspeed.overlap_comm,
         memory=memory, comm=comm, notes=notes, encoder_flops_per_sample=enc_flops)
 
 
 __all__ = [
+    "CommPlan",
+    "Exposure",
     "Hardware",
     "LiveBytes",
     "MemoryPlan",
     "ModelStates",
     "TrainPlan",
     "comm_buffer_bytes",
+    "comm_exposure",
     "deepspeed_estimate",
     "encoder_flops",
     "gradient_comm_bytes",
     "largest_layer_params",
     "measure_activation_bytes",
+    "measure_matmul_tflops",
     "model_state_bytes",
+    "overlap_assumption",
     "plan_training",
 ]
