@@ -1,7 +1,8 @@
 """Object-masked attention against unmasked SDPA: time and peak memory, as ratios.
 
     .venv/bin/python benchmarks/masked_attention.py [--quick] [--full] [--device cpu|cuda]
-        [--threads N] [--repeats N] [--batch B]
+        [--threads N] [--repeats N] [--batch B] [--size NAME ...]
+    .venv/bin/python benchmarks/masked_attention.py --mask-only [--tokens N] [--batch B]
 
 Compares :func:`ttm_ray.conditioning.masked_attention.masked_attention`, every backend that
 runs on the device, with plain ``F.scaled_dot_product_attention`` on the same q/k/v (no mask)
@@ -9,14 +10,20 @@ in the same process. Sizes:
 
 * ``cpu``: 1,024 tokens (4 x 16 x 16), 4 heads x 64, 64 local-text tokens;
 * ``dit-4b``: the dit-4b stage-2 grid: 4,096 tokens (16 x 16 x 16), 20 heads x 128
-  (``ttm_ray/models/dit/config.py``), 64 local-text tokens (2 objects x 32).
+  (``ttm_ray/models/dit/config.py``), 64 local-text tokens (2 objects x 32);
+* ``unet-l0``: the paper U-Net's level 0 (``unet-1.4b``, 16 frames of 64 x 64 latents):
+  65,536 tokens, 8 heads x 40 (320 channels, ``ttm_ray/models/unet/config.py``), 64
+  local-text tokens. The sdpa backend is skipped where its dense boolean mask would pass
+  1 GiB (here 4 GiB per sample); far too slow for a CPU, CUDA only by default.
 
 Token layout: two box-shaped objects moving over the frames (about 25 % and 12 % of the tokens),
-the rest background; the local text is 32 tokens per object. For each (mode, backend): forward
-and forward+backward seconds (best of at least ``--repeats`` rounds, more for cheap cases; the
-variants are timed in interleaved rounds so a shared machine's load changes hit all alike)
-and peak memory above the inputs, each divided by the unmasked SDPA of the same shape
-(self: N x N; cross: N x M).
+the rest background (``ttm_ray.models.flops.representative_object_ids``); the local text is
+32 tokens per object. Each timed call builds its own object layout (sort, block mask) as a
+call without a shared ``ObjectLayout`` does; a model forward builds it once for all layers.
+For each (mode, backend): forward and forward+backward seconds (best of at least
+``--repeats`` rounds, more for cheap cases; the variants are timed in interleaved rounds so a
+shared machine's load changes hit all alike) and peak memory above the inputs, each divided
+by the unmasked SDPA of the same shape (self: N x N; cross: N x M).
 Peak memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the RSS high-water mark of a child
 process, reset before each measurement through ``/proc/self/clear_refs``, with glibc's mmap
 threshold pinned at 64 KiB so every large tensor is its own mapping and freeing it returns the
@@ -28,9 +35,19 @@ On CUDA it also times bf16 forward+backward of one dit-4b stage-2 block (``DiTBl
 the masked layers; skipped if ``ttm_ray.models.dit`` fails to import) and reports achieved
 TFLOP/s with the dense-attention FLOP convention of ``ttm_ray/models/flops.py``.
 
-Defaults: CPU -> the ``cpu`` size; ``--full`` adds ``dit-4b`` (slow on a CPU); CUDA -> both.
-``--quick``: fewer repeats, and no flex on a CPU (it compiles ~1 min per shape there).
-Output: tables, then one JSON line (``{"benchmark": "masked_attention", ...}``).
+Defaults: CPU -> the ``cpu`` size; ``--full`` adds ``dit-4b`` (slow on a CPU); CUDA -> all
+three. ``--size`` picks sizes by name. ``--quick``: fewer repeats, and no flex on a CPU (it
+compiles ~1 min per shape there).
+
+``--mask-only [--tokens N]`` (default 65,536, the U-Net level 0): only the mask plan: the
+peak memory (same methods as above: CPU child-process RSS high-water mark above the inputs;
+CUDA ``max_memory_allocated``) and time of building one ``ObjectLayout`` with its self and
+cross block masks for N tokens, against the bytes of the dense ``[B, 1, N, N]`` boolean mask
+that ``create_block_mask`` used to build per call. Then (unless ``--no-flops``) the masked
+layers' forward-FLOP overhead of dit-4b and unet-1.4b, dense and block-sparse
+(``ttm_ray.models.flops.masked_layers_overhead``).
+Output: tables, then one JSON line (``{"benchmark": "masked_attention", ...}``; with
+``--mask-only`` ``{"benchmark": "masked_attention_mask", ..., "mask_peak_mib": ...}``).
 """
 
 from __future__ import annotations
@@ -55,9 +72,14 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from ttm_ray.conditioning.masked_attention import (  # noqa: E402
     BACKENDS,
+    ObjectLayout,
     choose_backend,
     flex_available,
     masked_attention,
+)
+from ttm_ray.models.flops import (  # noqa: E402
+    representative_local_ids,
+    representative_object_ids,
 )
 
 
@@ -78,7 +100,10 @@ class Size:
 SIZES = {
     "cpu": Size("cpu", (4, 16, 16), heads=4, head_dim=64),
     "dit-4b": Size("dit-4b", (16, 16, 16), heads=20, head_dim=128),
+    "unet-l0": Size("unet-l0", (16, 64, 64), heads=8, head_dim=40),
 }
+#: The sdpa backend is left out where its dense [B, 1, N, M] boolean mask would pass this.
+SDPA_MAX_MASK_BYTES = 1 << 30
 
 
 # --- layout ------------------------------------------------------------------------------
@@ -87,15 +112,9 @@ SIZES = {
 def token_layout(size: Size, batch: int, device: torch.device) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
     """(token ids [B, N], local-text ids [B, M]): two boxes drifting right over the frames."""
-    t, h, w = size.grid
-    ids = torch.full((batch, t, h, w), -1, dtype=torch.long)
-    for f in range(t):
-        dx = (f * w) // (2 * t)
-        ids[:, f, h // 8: h // 8 + h // 2, dx: dx + w // 2] = 0     # 25 %
-        ids[:, f, 5 * h // 8: 5 * h // 8 + h // 4, w // 2: w // 2 + w // 2] = 1  # 12.5 %
-    per = size.local_tokens // size.objects
-    local = torch.arange(size.local_tokens) // per
-    return ids.view(batch, -1).to(device), local.expand(batch, -1).clone().to(device)
+    ids = representative_object_ids(size.grid, batch)
+    local = representative_local_ids(size.local_tokens, size.objects, batch)
+    return ids.view(batch, -1).to(device), local.to(device)
 
 
 # --- measurement -------------------------------------------------------------------------
@@ -199,11 +218,15 @@ def make_case(size: Size, mode: str, backend: str | None, batch: int, device: to
     return Case(backend, forward, fwd_bwd if trainable else None)
 
 
-def backends_for(device: torch.device, quick: bool) -> list[str]:
+def backends_for(device: torch.device, quick: bool, mask_bytes: int = 0) -> list[str]:
     """Backends that run here; flex on a CPU compiles for about a minute per shape, so
-    ``--quick`` leaves it out there."""
+    ``--quick`` leaves it out there; sdpa is left out where its dense mask passes
+    ``SDPA_MAX_MASK_BYTES``."""
     skip_flex = not flex_available(device) or (quick and device.type == "cpu")
-    return [b for b in BACKENDS if b != "flex" or not skip_flex]
+    skip = {"flex"} if skip_flex else set()
+    if mask_bytes > SDPA_MAX_MASK_BYTES:
+        skip.add("sdpa")
+    return [b for b in BACKENDS if b not in skip]
 
 
 def run_size(size: Size, device: torch.device, dtype: torch.dtype, batch: int,
@@ -223,8 +246,9 @@ def run_size(size: Size, device: torch.device, dtype: torch.dtype, batch: int,
         "rows": [],
     }
     for mode in ("self", "cross"):
+        backends = backends_for(device, quick, result["bool_mask_bytes"][mode])
         cases = [make_case(size, mode, backend, batch, device, dtype)
-                 for backend in [None, *backends_for(device, quick)]]
+                 for backend in [None, *backends]]
         fwd = best_seconds({str(c.backend): c.forward for c in cases}, device, repeats)
         both = best_seconds({str(c.backend): c.fwd_bwd for c in cases if c.fwd_bwd}, device,
                             repeats)
@@ -276,6 +300,113 @@ def add_ratios(result: dict[str, Any]) -> None:
             for key in ("fwd_s", "fwd_peak", "fwd_bwd_s", "fwd_bwd_peak"):
                 if key in row and base.get(key):
                     row[key + "_ratio"] = row[key] / base[key]
+
+
+# --- the mask plan alone (--mask-only) -----------------------------------------------------
+
+
+def grid_for(tokens: int) -> tuple[int, int, int]:
+    """A (T, H, W) grid of ``tokens`` tokens: 16 frames where that divides, H x W as square
+    as it goes (65,536 -> 16 x 64 x 64, the U-Net level 0)."""
+    t = 16 if tokens % 16 == 0 else 1
+    hw = tokens // t
+    h = max(d for d in range(1, int(hw**0.5) + 1) if hw % d == 0)
+    return t, h, hw // h
+
+
+def mask_inputs(tokens: int, batch: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    size = Size(f"{tokens}", grid_for(tokens), heads=1, head_dim=1)
+    return token_layout(size, batch, device)
+
+
+def build_mask_plan(ids: torch.Tensor, local: torch.Tensor) -> tuple[ObjectLayout, int]:
+    """What a model forward builds once: the layout and both modes' block masks; returns
+    the layout and the bytes of the block masks' tensors."""
+    layout = ObjectLayout(ids, local)
+    total = 0
+    for mode in ("self", "cross"):
+        mask = layout.block_mask(mode)
+        total += sum(t.numel() * t.element_size() for t in mask.as_tuple()
+                     if isinstance(t, torch.Tensor))
+    return layout, total
+
+
+def mask_peak(tokens: int, batch: int, device: torch.device) -> int:
+    """Peak bytes of building the mask plan for ``tokens`` tokens, above its inputs (on a
+    CPU: run in the pinned-mmap child, see ``measure_peaks``)."""
+    ids, local = mask_inputs(tokens, batch, device)
+    build_mask_plan(ids, local)  # warm-up: imports, vmap set-up
+    return measure_peak(lambda: build_mask_plan(ids, local), device)
+
+
+def run_mask_only(tokens: int, batch: int, device: torch.device, repeats: int
+                  ) -> dict[str, Any]:
+    ids, local = mask_inputs(tokens, batch, device)
+    _, block_bytes = build_mask_plan(ids, local)
+    seconds = best_seconds({"plan": lambda: build_mask_plan(ids, local)}, device, repeats,
+                           min_total_s=0.5)["plan"]
+    if device.type == "cpu":
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--threads", str(torch.get_num_threads()),
+             "--mask-peak-of", json.dumps([tokens, batch])],
+            env=env, capture_output=True, text=True, check=True)
+        peak = int(json.loads(proc.stdout.strip().splitlines()[-1]))
+    else:
+        peak = mask_peak(tokens, batch, device)
+    layout = ObjectLayout(ids, local)
+    pairs = layout.computed_pairs("self").double()
+    return {"tokens": tokens, "grid": list(grid_for(tokens)), "batch": batch,
+            "build_s": seconds, "mask_peak_bytes": peak, "mask_peak_mib": peak / 2**20,
+            "block_mask_bytes": block_bytes,
+            "dense_bool_mask_bytes": batch * tokens * tokens,
+            "self_pairs_computed": float(pairs.mean()) / tokens**2}
+
+
+def flop_overheads() -> list[dict[str, Any]]:
+    """The masked layers' share of the base forward at the paper sizes (dense vs
+    block-sparse), from ``ttm_ray.models.flops``."""
+    from ttm_ray.config import from_dict
+    from ttm_ray.models import ModelConfig
+    from ttm_ray.models.flops import masked_layers_overhead
+
+    runs = [{"family": "dit", "size": "dit-4b", "latent_channels": 16, "num_frames": 16,
+             "height": 32, "width": 32},
+            {"family": "unet", "size": "unet-1.4b", "latent_channels": 4, "num_frames": 16,
+             "height": 64, "width": 64}]
+    out = []
+    for run in runs:
+        report = masked_layers_overhead(from_dict(ModelConfig, {**run, "stage": 2}))
+        out.append(report.as_dict() | {"latent": [run["num_frames"], run["height"],
+                                                  run["width"]]})
+    return out
+
+
+def print_mask_only(res: dict[str, Any]) -> None:
+    t, h, w = res["grid"]
+    print(f"\n== mask plan for {res['tokens']:,} tokens ({t} x {h} x {w}), batch "
+          f"{res['batch']}: ObjectLayout + self and cross block masks")
+    print(f"   build time {res['build_s'] * 1e3:.1f} ms, peak {fmt_bytes(res['mask_peak_bytes'])}"
+          f" above inputs, block-mask tensors {fmt_bytes(res['block_mask_bytes'])}")
+    print(f"   (a dense [B, 1, N, N] bool mask, as create_block_mask built per call: "
+          f"{fmt_bytes(res['dense_bool_mask_bytes'])})")
+    print(f"   self-attention pairs the block-sparse kernel computes: "
+          f"{res['self_pairs_computed']:.1%} of N^2")
+
+
+def print_overheads(rows: list[dict[str, Any]]) -> None:
+    print("\n== masked layers' forward FLOPs / base forward FLOPs (one sample, 64 local-text "
+          "tokens, representative layout)")
+    head = (f"{'model':10} {'latent':>10} {'layers':>6} {'base TFLOP':>11} {'dense':>8} "
+            f"{'block-sparse':>13} {'self pairs kept':>16}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        latent = "x".join(str(v) for v in r["latent"])
+        kept = ", ".join(sorted({f"{layer['self_pairs_blocks']:.1%}" for layer in r["layers"]}))
+        print(f"{r['size']:10} {latent:>10} {len(r['layers']):>6} {r['base_flops'] / 1e12:11.2f} "
+              f"{r['overhead_dense']:8.1%} {r['overhead_sparse']:13.1%} {kept:>16}")
 
 
 # --- one dit-4b block (CUDA) ---------------------------------------------------------------
@@ -376,7 +507,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier on a "
                              "busy shared machine, where threads stall on each other")
+    parser.add_argument("--size", action="append", choices=sorted(SIZES), default=None,
+                        help="sizes to run (repeatable; default depends on the device)")
+    parser.add_argument("--mask-only", action="store_true",
+                        help="only the peak memory and time of building the mask plan")
+    parser.add_argument("--tokens", type=int, default=65536,
+                        help="tokens for --mask-only (default: U-Net level 0, 16 x 64 x 64)")
+    parser.add_argument("--no-flops", action="store_true",
+                        help="skip the FLOP overhead table (its U-Net count takes ~20 s)")
     parser.add_argument("--peaks-of", default=None, help=argparse.SUPPRESS)  # memory child
+    parser.add_argument("--mask-peak-of", default=None, help=argparse.SUPPRESS)  # ditto
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -388,9 +528,16 @@ def main(argv: list[str] | None = None) -> int:
             measure_peaks(res, device, dtype)
         print(json.dumps(results))
         return 0
+    if args.mask_peak_of is not None:
+        tokens, batch = json.loads(args.mask_peak_of)
+        print(json.dumps(mask_peak(tokens, batch, device)))
+        return 0
     repeats = args.repeats or (3 if args.quick else 7)
+    if args.mask_only:
+        return main_mask_only(args, device, repeats)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = ["cpu"] + (["dit-4b"] if device.type == "cuda" or args.full else [])
+    names = args.size or (["cpu", "dit-4b", "unet-l0"] if device.type == "cuda" else
+                          ["cpu", "dit-4b"] if args.full else ["cpu"])
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"repeats {repeats}")
     results = [run_size(SIZES[name], device, dtype, args.batch, repeats, args.quick)
@@ -415,6 +562,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== dit-4b stage-2 block, bf16 fwd+bwd: {block['fwd_bwd_s'] * 1e3:.1f} ms, "
                   f"{block['tflops_per_s']:.1f} TFLOP/s (dense convention), peak "
                   f"{fmt_bytes(block['peak_bytes'])}, masked backend {block['masked_backend']}")
+    if not args.no_flops:
+        out["flop_overhead"] = flop_overheads()
+        print_overheads(out["flop_overhead"])
+    print(json.dumps(out))
+    return 0
+
+
+def main_mask_only(args: argparse.Namespace, device: torch.device, repeats: int) -> int:
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    res = run_mask_only(args.tokens, args.batch, device, repeats)
+    print_mask_only(res)
+    out: dict[str, Any] = {"benchmark": "masked_attention_mask", "device": str(device),
+                           "torch": torch.__version__, **res}
+    if not args.no_flops:
+        out["flop_overhead"] = flop_overheads()
+        print_overheads(out["flop_overhead"])
     print(json.dumps(out))
     return 0
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import _ordered_to_dense
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from ttm_ray.conditioning.masked_attention import (
     MaskedAttention,
+    ObjectLayout,
     allowed_mask,
+    block_structure,
     choose_backend,
     flex_available,
     masked_attention,
@@ -171,13 +176,20 @@ def test_rejects_bad_arguments() -> None:
 
 @pytest.mark.slow
 def test_flex_forward_on_cpu_matches_reference() -> None:
-    """CPU flex: forward only (compiles once, ~1 min on 2 cores)."""
-    for mode in ("self", "cross"):
-        q, k, v, q_ids, kv_ids = make_case(4, mode, 3, n=128, m=128, d=16)
-        with torch.no_grad():
-            out = masked_attention(q, k, v, q_ids, kv_ids, mode=mode, backend="flex")
-        ref = masked_attention_reference(q, k, v, q_ids, kv_ids, mode=mode)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    """CPU flex: forward only (compiles once, ~1 min on 2 cores). 300 tokens = 3 blocks, one
+    of them ragged; a shared layout for self and cross, and one-off layouts without it."""
+    q, k, v, q_ids, _ = make_case(4, "self", 3, n=300, d=16)
+    _, ck, cv, _, ctx_ids = make_case(4, "cross", 3, n=300, m=150, d=16)
+    layout = ObjectLayout(q_ids, ctx_ids)
+    for mode, (kk, vv, kv_ids) in (("self", (k, v, q_ids)), ("cross", (ck, cv, ctx_ids))):
+        ref = masked_attention_reference(q, kk, vv, q_ids, kv_ids, mode=mode)
+        for lay in (layout, None):
+            with torch.no_grad():
+                out = masked_attention(q, kk, vv, q_ids, kv_ids, mode=mode, backend="flex",
+                                       layout=lay)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert layout.builds == {"sort_tokens": 1, "sort_context": 1, "block_mask_self": 1,
+                             "block_mask_cross": 1}
 
 
 @pytest.mark.gpu
@@ -196,6 +208,170 @@ def test_cuda_backends_forward_backward(backend: str, mode: str) -> None:
         results.append([out.detach()] + [t.grad for t in leaves])
     for ref, got in zip(*results, strict=True):
         torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+
+
+# --- the layout (one mask plan per forward) --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_layout_path_matches_reference_forward_and_backward(backend: str, mode: str) -> None:
+    """One layout shared by several calls (as the K masked layers share it) gives the
+    reference's values and float64 gradients, empty rows exactly 0, and is built once."""
+    q, k, v, q_ids, kv_ids = make_case(12, mode, 3, dtype=torch.float64)
+    layout = ObjectLayout(q_ids, None if mode == "self" else kv_ids)
+    kv_ids = layout.kv_ids(mode)
+    upstream = torch.randn(q.shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2))
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = masked_attention_reference(*ref_leaves, q_ids, kv_ids, mode=mode)
+    (ref * upstream).sum().backward()
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = masked_attention(*leaves, q_ids, kv_ids, mode=mode, backend=backend, layout=layout)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
+        (out * upstream).sum().backward()
+        for got, want in zip(leaves, ref_leaves, strict=True):
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-10, rtol=1e-8)
+    empty = ~allowed_mask(q_ids, kv_ids, mode).any(-1)
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    assert mode == "self" or empty.any()
+    # Built once for all calls; the dense sdpa backend never needs the sort.
+    sorts = {} if backend == "sdpa" else \
+        {"sort_tokens": 1} | ({"sort_context": 1} if mode == "cross" else {})
+    assert layout.builds == sorts
+
+
+def _dense(num: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
+    return _ordered_to_dense(num, indices, cols)[:, 0].bool()
+
+
+@pytest.mark.parametrize("block", [4, 8, 16])
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_block_mask_lists_exactly_the_blocks_that_can_match(block: int, mode: str) -> None:
+    """The BlockMask's lists (forward and the transposed backward ones) equal
+    ``block_structure``: every block holding an allowed pair is listed, full blocks hold only
+    allowed pairs (ragged tail blocks are never full), listed indices ascend."""
+    gen = torch.Generator().manual_seed(block)
+    for trial in range(8):
+        b, n = 3, int(torch.randint(1, 90, (1,), generator=gen))
+        m = n if mode == "self" else int(torch.randint(1, 40, (1,), generator=gen))
+        objects = 1 + trial % 4
+        q_ids = torch.randint(-1, objects, (b, n), generator=gen)
+        q_ids[1] = -1
+        kv_ids = q_ids if mode == "self" else torch.randint(-1, objects + 1, (b, m),
+                                                            generator=gen)
+        layout = ObjectLayout(q_ids, None if mode == "self" else kv_ids, block_size=block)
+        q_sorted, kv_sorted = layout.sorted("tokens"), layout.kv_sorted(mode)
+        assert torch.equal(q_sorted.ids, q_ids.gather(1, q_sorted.order))
+        assert torch.equal(q_sorted.ids.gather(1, q_sorted.inverse), q_ids)
+        allowed = allowed_mask(q_sorted.ids, kv_sorted.ids, mode)
+        nq, nk = -(-n // block), -(-m // block)
+        padded = torch.zeros(b, nq * block, nk * block, dtype=torch.bool)
+        padded[:, :n, :m] = allowed
+        valid = torch.zeros_like(padded)
+        valid[:, :n, :m] = True
+        tiles = padded.view(b, nq, block, nk, block)
+        any_allowed = tiles.any(4).any(2)
+        all_allowed = (tiles | ~valid.view(b, nq, block, nk, block)).all(4).all(2)
+        partial, full = layout.blocks(mode)
+        assert not (partial & full).any()
+        assert ((partial | full) >= any_allowed).all(), "a block with allowed pairs is skipped"
+        assert (full <= all_allowed).all(), "a full block holds a masked pair"
+        mask = layout.block_mask(mode)
+        assert torch.equal(_dense(mask.kv_num_blocks, mask.kv_indices, nk), partial)
+        assert torch.equal(_dense(mask.full_kv_num_blocks, mask.full_kv_indices, nk), full)
+        assert torch.equal(_dense(mask.q_num_blocks, mask.q_indices, nq), partial.mT)
+        assert torch.equal(_dense(mask.full_q_num_blocks, mask.full_q_indices, nq), full.mT)
+        for num, idx in ((mask.kv_num_blocks, mask.kv_indices),
+                         (mask.full_kv_num_blocks, mask.full_kv_indices)):
+            steps = idx[..., 1:] - idx[..., :-1]
+            listed = torch.arange(1, idx.shape[-1]) < num[..., None]
+            assert (steps[listed] > 0).all()
+        assert mask.seq_lengths == (n, m)
+    assert block_structure(q_sorted.keys, kv_sorted.keys, block)[0].shape == (b, nq, nk)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op creates (the real ops still run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_block_mask_never_allocates_n_by_m() -> None:
+    """The U-Net level-0 size (16 x 64 x 64 = 65,536 tokens): building the layout and both
+    block masks creates no tensor bigger than per-token or per-block-pair, and the mask's
+    tensors are O(blocks^2) (a dense [B, 1, N, N] bool mask would be 4 GiB)."""
+    from ttm_ray.models.flops import representative_local_ids, representative_object_ids
+
+    ids = representative_object_ids((16, 64, 64)).flatten(1)
+    local = representative_local_ids(64)
+    n, m = ids.shape[1], local.shape[1]
+    blocks = n // 128
+    with _LargestTensor() as spy:
+        layout = ObjectLayout(ids, local)
+        masks = [layout.block_mask(mode) for mode in ("self", "cross")]
+    assert spy.largest <= max(n, blocks * (blocks + 1)), spy.largest
+    assert spy.largest * 1000 < n * n
+    for mask in masks:
+        for t in mask.as_tuple():
+            if isinstance(t, torch.Tensor):
+                assert t.numel() <= blocks * blocks
+    # Same-object tokens are contiguous after the sort: self-attention computes the blocks of
+    # sum_l n_l^2 pairs (block-aligned here: exactly), cross only the object tokens' rows.
+    counts = torch.unique(ids, return_counts=True)[1]
+    assert int(layout.computed_pairs("self")[0]) == int(counts.square().sum())
+    assert int(layout.computed_pairs("cross")[0]) == int((ids >= 0).sum()) * m
+
+
+def test_layout_misuse_is_a_clear_error() -> None:
+    q, k, v, q_ids, kv_ids = make_case(0, "cross", 2)
+    layout = ObjectLayout(q_ids, kv_ids)
+    with pytest.raises(ValueError, match="built from other ids"):
+        masked_attention(q, k, v, q_ids.clone(), kv_ids, mode="cross", layout=layout)
+    with pytest.raises(ValueError, match="no context_ids"):
+        masked_attention(q, k, v, q_ids, kv_ids, mode="cross", layout=ObjectLayout(q_ids))
+    with pytest.raises(ValueError, match="token_ids must be"):
+        ObjectLayout(q_ids[0])
+    with pytest.raises(ValueError, match="integer"):
+        ObjectLayout(q_ids.float())
+    with pytest.raises(ValueError, match="context_ids must be"):
+        ObjectLayout(q_ids, kv_ids[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_cuda_flex_with_shared_layout_forward_backward(mode: str) -> None:
+    """CUDA flex through one shared layout (ragged blocks: 600 tokens, 150 text tokens):
+    values and gradients of the reference, empty rows 0, the layout built once."""
+    q, k, v, q_ids, kv_ids = make_case(13, mode, 3, n=600, m=150, d=64)
+    q, k, v, q_ids, kv_ids = (t.cuda() for t in (q, k, v, q_ids, kv_ids))
+    layout = ObjectLayout(q_ids, None if mode == "self" else kv_ids)
+    kv_ids = layout.kv_ids(mode)
+    upstream = torch.randn(q.shape, device="cuda")
+    results = []
+    for fn in (masked_attention_reference, masked_attention, masked_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        kwargs = {} if fn is masked_attention_reference else {"backend": "flex",
+                                                               "layout": layout}
+        out = fn(*leaves, q_ids, kv_ids, mode=mode, **kwargs)
+        (out * upstream).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for got in results[1:]:
+        for want, have in zip(results[0], got, strict=True):
+            torch.testing.assert_close(have, want, atol=2e-3, rtol=2e-3)
+    empty = ~allowed_mask(q_ids, kv_ids, mode).any(-1)
+    assert (results[1][0].transpose(1, 2)[empty] == 0).all()
+    assert all(count == 1 for count in layout.builds.values())
 
 
 # --- the module --------------------------------------------------------------------------

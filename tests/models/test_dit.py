@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ttm_ray.conditioning.batch import ModelConditioning
+from ttm_ray.conditioning.masked_attention import ObjectLayout
 from ttm_ray.models import ModelConfig, build_model, count_parameters, resolve_family_config
 from ttm_ray.models.dit import DIT_SIZES, TTMDiT
 from ttm_ray.models.dit import config as dit_config_module
@@ -360,6 +361,48 @@ def test_activation_checkpointing_matches_plain(stage1_weights: tuple[Path, TTMD
     grads = dict(plain.named_parameters())
     for name, p in ckpt.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_one_object_layout_per_forward_shared_by_all_masked_layers(
+        stage1_weights: tuple[Path, TTMDiT], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward builds one ObjectLayout; every masked layer of the K blocks and the
+    recomputation in backward share it (ids sorted once), and the result equals the dense
+    sdpa path (no layout use), forward and gradients."""
+    path, _ = stage1_weights
+    made: list[ObjectLayout] = []
+    init = ObjectLayout.__init__
+
+    def counting_init(self: ObjectLayout, *args, **kwargs) -> None:
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectLayout, "__init__", counting_init)
+    results = {}
+    for backend in ("sdpa", "grouped"):
+        model = build(tiny(2, init_from=str(path), activation_checkpointing=True,
+                           masked_attention_blocks=2,
+                           overrides={"masked_attention_backend": backend}))
+        perturb(model, only="masked_", seed=5)
+        model.train()
+        calls: list[int] = []
+        model.blocks[1].masked_self_attn.register_forward_pre_hook(
+            lambda *_, seen=calls: seen.append(1))
+        x_t, t, cond = make_inputs(model, local=True)
+        made.clear()
+        out = model(x_t, t, cond)
+        (out - x_t).square().mean().backward()
+        assert len(calls) == 2  # forward + recomputation
+        assert len(made) == 1
+        sorts = {} if backend == "sdpa" else {"sort_tokens": 1, "sort_context": 1}
+        assert made[0].builds == sorts
+        results[backend] = (out.detach(), {n: p.grad for n, p in model.named_parameters()
+                                           if p.grad is not None})
+    (dense_out, dense_grads), (out, grads) = results["sdpa"], results["grouped"]
+    torch.testing.assert_close(out, dense_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == dense_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 

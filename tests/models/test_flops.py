@@ -13,7 +13,11 @@ from ttm_ray.models.flops import (
     dit_forward_flops,
     example_inputs,
     forward_flop_report,
+    masked_layer_flops,
+    masked_layers_overhead,
     measured_forward_flops,
+    representative_local_ids,
+    representative_object_ids,
 )
 
 
@@ -68,3 +72,55 @@ def test_plan_model_cli_reports_parameters_and_flops(capsys) -> None:
     assert summary["status"] == "succeeded" and summary["stage"] == 2
     assert summary["parameters"] > 0 and summary["forward_flops"] > 0
     assert "masked_layers" in out
+
+
+def test_masked_layer_flops_count_block_sparse_pairs() -> None:
+    """Block-sparse masked self-attention counts sum_l n_l^2 pairs (block-granular; exact for
+    the block-aligned representative layout), cross only the object tokens' rows; one object
+    everywhere is the dense count; projections are the same either way."""
+    d, grid = 64, (16, 16, 16)
+    ids = representative_object_ids(grid).flatten(1)
+    local = representative_local_ids(64)
+    dense = masked_layer_flops(ids, local, d, 32, sparse=False)
+    sparse = masked_layer_flops(ids, local, d, 32)
+    n = ids.shape[1]
+    counts = torch.unique(ids, return_counts=True)[1]
+    assert dense["self_attention"] == 4 * n * n * d
+    assert sparse["self_attention"] == 4 * int(counts.square().sum()) * d
+    assert sparse["cross_attention"] == 4 * int((ids >= 0).sum()) * 64 * d
+    assert sparse["projections"] == dense["projections"]
+    one = torch.zeros_like(ids)
+    assert masked_layer_flops(one, local, d, 32) == masked_layer_flops(one, local, d, 32,
+                                                                       sparse=False)
+    # A ragged layout: block-granular, between the exact pairs and dense.
+    ragged = torch.randint(-1, 3, (1, 1000), generator=torch.Generator().manual_seed(0))
+    ragged_counts = torch.unique(ragged, return_counts=True)[1]
+    pairs = masked_layer_flops(ragged, local, d, 32)["self_attention"] // (4 * d)
+    assert int(ragged_counts.square().sum()) <= pairs <= 1000 * 1000
+
+
+def test_masked_overhead_dit_4b_dense_matches_report_and_sparse_is_lower() -> None:
+    cfg = from_dict(ModelConfig, {"family": "dit", "size": "dit-4b", "stage": 2,
+                                  "latent_channels": 16, "num_frames": 16, "height": 32,
+                                  "width": 32})
+    overhead = masked_layers_overhead(cfg)
+    report = forward_flop_report(cfg)
+    assert overhead.dense == report.by_component["masked_layers"]
+    assert overhead.base == forward_flop_report(cfg, local_tokens=0).total
+    assert len(overhead.layers) == 10
+    assert 0.13 < overhead.dense_ratio < 0.15  # recorded: 13.9 %
+    assert 0.10 < overhead.sparse_ratio < overhead.dense_ratio  # recorded: 11.3 %
+
+
+def test_masked_overhead_unet_dense_matches_the_flop_counter() -> None:
+    """unet-tiny: the closed form of the masked layers (dense) equals what the flop counter
+    sees them add to a forward on the meta device; block-sparse is lower."""
+    cfg = from_dict(ModelConfig, {"family": "unet", "size": "unet-tiny", "stage": 2,
+                                  "latent_channels": 4, "num_frames": 4, "height": 16,
+                                  "width": 16})
+    overhead = masked_layers_overhead(cfg)
+    with_masked = measured_forward_flops(cfg, local_tokens=64).total
+    assert overhead.base == measured_forward_flops(cfg, local_tokens=0).total
+    assert overhead.dense == with_masked - overhead.base
+    assert [layer["level"] for layer in overhead.layers] == [0, 1]
+    assert overhead.sparse < overhead.dense

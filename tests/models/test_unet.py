@@ -13,6 +13,7 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from ttm_ray.conditioning.batch import ModelConditioning
+from ttm_ray.conditioning.masked_attention import ObjectLayout
 from ttm_ray.models import ModelConfig, build_model, count_parameters, resolve_family_config
 from ttm_ray.models.unet import UNET_SIZES, TTMUNet, UNetConfig, build_unet, unet_config_from
 from ttm_ray.models.unet.pretrained import build_motion_unet
@@ -260,6 +261,43 @@ def test_activation_checkpointing_gives_the_same_gradients(stage2: TTMUNet) -> N
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     assert build(tiny(2, activation_checkpointing=True)).unet.down_blocks[0] \
         .gradient_checkpointing
+
+
+def test_one_object_layout_per_level_per_forward(stage2: TTMUNet,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each forward builds one ObjectLayout per masked level, shared by that level's masked
+    self- and cross-attention and by diffusers' recomputation (ids sorted once); the result
+    equals the dense sdpa path (no layout use), forward and gradients."""
+    made: list[ObjectLayout] = []
+    init = ObjectLayout.__init__
+
+    def counting_init(self: ObjectLayout, *args, **kwargs) -> None:
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectLayout, "__init__", counting_init)
+    cfg = stage2.config
+    levels = set(cfg.encoder_transformer_levels[:cfg.masked_blocks])
+    results = {}
+    for backend in ("sdpa", "grouped"):
+        model = copy.deepcopy(stage2).train()
+        perturb_added(model)
+        model.set_activation_checkpointing(True)
+        for block in model.masked_layers:
+            block.masked_self.backend = block.masked_cross.backend = backend
+        x_t, t, cond = inputs(model)
+        made.clear()
+        out = model(x_t, t, cond)
+        out.square().mean().backward()
+        assert len(made) == len(levels)
+        sorts = {} if backend == "sdpa" else {"sort_tokens": 1, "sort_context": 1}
+        assert all(layout.builds == sorts for layout in made)
+        results[backend] = (out.detach(), torch.cat(
+            [p.grad.flatten() for p in model.masked_layers.parameters()]))
+    torch.testing.assert_close(results["grouped"][0], results["sdpa"][0], rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(results["grouped"][1], results["sdpa"][1], rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_training_step_on_cpu() -> None:

@@ -16,6 +16,15 @@ activations, softmax) is left out: it is a few percent and is memory-bound anywa
 
 Training costs ``3x`` forward (backward is twice the forward), ``4x`` with activation
 checkpointing (the forward runs again in backward): :func:`training_flops_per_sample`.
+
+The masked layers with the block-sparse kernel (``flex`` over object-sorted tokens, see
+:mod:`ttm_ray.conditioning.masked_attention`) compute only the 128 x 128 blocks whose object
+ids can match: masked self-attention costs about ``sum_l n_l^2`` (object ``l`` with ``n_l``
+tokens, background one group), not ``N^2``. :func:`masked_layer_flops` counts that for a given
+layout from the very block structure the kernel gets, and :func:`masked_layers_overhead`
+reports the masked layers' share of the base forward (dense and block-sparse) for a run's
+model on :func:`representative_object_ids`. The totals above keep the dense convention (what
+SDPA with a boolean mask, the CPU path, does).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ttm_ray.conditioning.masked_attention import BLOCK_SIZE, ObjectLayout
 from ttm_ray.models.config import ModelConfig
 
 #: Default text lengths the reports assume when a run does not say (T5 prompts of MovieGen-
@@ -185,3 +195,131 @@ def forward_flop_report(cfg: ModelConfig, text_tokens: int | None = None,
         return dit_forward_flops(dit, grid, text_tokens or DEFAULT_TEXT_TOKENS["dit"], local)
     return measured_forward_flops(cfg, text_tokens=text_tokens,
                                   local_tokens=local_tokens if cfg.stage == 2 else 0)
+
+
+# ------------------------------------------------------------------ masked layers, block-sparse
+
+
+def representative_object_ids(grid: tuple[int, int, int], batch: int = 1) -> torch.Tensor:
+    """``[B, T, H, W]`` object ids of the masked-layer reports and benchmarks: two box objects
+    drifting right over the frames (about 25 % and 12.5 % of the tokens), background (-1)
+    elsewhere."""
+    t, h, w = grid
+    ids = torch.full((batch, t, h, w), -1, dtype=torch.long)
+    for f in range(t):
+        dx = (f * w) // (2 * t)
+        ids[:, f, h // 8: h // 8 + h // 2, dx: dx + w // 2] = 0     # 25 %
+        ids[:, f, 5 * h // 8: 5 * h // 8 + h // 4, w // 2: w // 2 + w // 2] = 1  # 12.5 %
+    return ids
+
+
+def representative_local_ids(local_tokens: int = DEFAULT_LOCAL_TOKENS, objects: int = 2,
+                             batch: int = 1) -> torch.Tensor:
+    """``[B, M]`` local-text ids: ``local_tokens / objects`` tokens per object, in order."""
+    per = max(1, local_tokens // objects)
+    return (torch.arange(local_tokens) // per).clamp(max=objects - 1).expand(batch, -1).clone()
+
+
+def masked_layer_flops(token_ids: torch.Tensor, local_ids: torch.Tensor, dim: int,
+                       context_dim: int, *, sparse: bool = True,
+                       block_size: int = BLOCK_SIZE) -> dict[str, int]:
+    """Forward FLOPs of one masked self- plus one masked cross-attention layer (width ``dim``,
+    context width ``context_dim``) on one sample: ``token_ids [1, N]``, ``local_ids [1, M]``.
+
+    ``sparse``: attention over the (query, key) pairs of the blocks the block-sparse kernel
+    computes (``ObjectLayout.computed_pairs``: block-granular ``sum_l n_l^2`` for self,
+    object tokens x text for cross); otherwise dense ``N^2`` / ``N M``. Projections are dense
+    either way. Gathering tokens into sorted order is a copy, not counted.
+    """
+    n, m = token_ids.shape[-1], local_ids.shape[-1]
+    if sparse:
+        layout = ObjectLayout(token_ids.reshape(1, n).long(), local_ids.reshape(1, m).long(),
+                              block_size=block_size)
+        self_pairs = int(layout.computed_pairs("self")[0])
+        cross_pairs = int(layout.computed_pairs("cross")[0])
+    else:
+        self_pairs, cross_pairs = n * n, n * m
+    masked_self = _attention(n, n, dim, dim, dim)
+    masked_cross = _attention(n, m, dim, dim, context_dim)
+    return {"projections": masked_self["projections"] + masked_cross["projections"],
+            "self_attention": 2 * 2 * self_pairs * dim,
+            "cross_attention": 2 * 2 * cross_pairs * dim}
+
+
+@dataclass
+class MaskedOverhead:
+    """The masked layers' forward FLOPs of one sample against the base forward (the same
+    model without them): ``dense`` (``N^2`` attention, the sdpa backend) and ``sparse`` (the
+    block-sparse kernel on the representative layout). ``self_pairs_*``: fractions of the
+    ``N^2`` masked self-attention pairs, exact (``sum_l n_l^2 / N^2``) and block-granular."""
+
+    family: str
+    size: str
+    base: int
+    dense: int
+    sparse: int
+    layers: list[dict] = field(default_factory=list)
+
+    @property
+    def dense_ratio(self) -> float:
+        return self.dense / self.base
+
+    @property
+    def sparse_ratio(self) -> float:
+        return self.sparse / self.base
+
+    def as_dict(self) -> dict:
+        return {"family": self.family, "size": self.size, "base_flops": self.base,
+                "masked_dense_flops": self.dense, "masked_sparse_flops": self.sparse,
+                "overhead_dense": self.dense_ratio, "overhead_sparse": self.sparse_ratio,
+                "layers": self.layers}
+
+
+def _layer_entry(token_ids: torch.Tensor, local_ids: torch.Tensor, dim: int, context_dim: int
+                 ) -> dict:
+    flat = token_ids.reshape(-1)
+    n = flat.numel()
+    dense = masked_layer_flops(flat[None], local_ids, dim, context_dim, sparse=False)
+    sparse = masked_layer_flops(flat[None], local_ids, dim, context_dim)
+    counts = torch.unique(flat, return_counts=True)[1].double()
+    return {"tokens": n, "dim": dim, "dense": sum(dense.values()),
+            "sparse": sum(sparse.values()),
+            "self_pairs_exact": float(counts.square().sum()) / n**2,
+            "self_pairs_blocks": sparse["self_attention"] / dense["self_attention"]}
+
+
+def masked_layers_overhead(cfg: ModelConfig, local_tokens: int = DEFAULT_LOCAL_TOKENS,
+                           text_tokens: int | None = None) -> MaskedOverhead:
+    """:class:`MaskedOverhead` of ``cfg``'s family and size at its latent shape (stage 2's
+    masked layers, however ``cfg.stage`` is set), on :func:`representative_object_ids`.
+
+    DiT: K identical layers on the token grid after patchify, base from
+    :func:`dit_forward_flops`. U-Net: one layer per masked encoder block, at its level's grid
+    (ids downsampled as the model does) and width; base counted on the meta device (a few
+    seconds at the paper size)."""
+    from dataclasses import replace
+
+    from ttm_ray.conditioning.masks import downsample_token_ids
+    from ttm_ray.models.registry import resolve_family_config
+
+    cfg = replace(cfg, stage=2)
+    family = resolve_family_config(cfg)
+    local = representative_local_ids(local_tokens)
+    layers: list[dict] = []
+    if cfg.family == "dit":
+        pt, ph, pw = family.patch
+        grid = (cfg.num_frames // pt, cfg.height // ph, cfg.width // pw)
+        text = text_tokens or DEFAULT_TEXT_TOKENS["dit"]
+        base = dit_forward_flops(family, grid, text, 0).total
+        entry = _layer_entry(representative_object_ids(grid), local, family.dim, family.dim)
+        layers = [entry] * family.masked_blocks
+    else:
+        base = measured_forward_flops(cfg, text_tokens=text_tokens, local_tokens=0).total
+        ids = representative_object_ids((cfg.num_frames, cfg.height, cfg.width))
+        for level in family.encoder_transformer_levels[:family.masked_blocks]:
+            f = 2**level
+            grid_ids = downsample_token_ids(ids, factor=(1, f, f)) if level else ids
+            layers.append(_layer_entry(grid_ids, local, family.block_out_channels[level],
+                                       family.text_dim) | {"level": level})
+    return MaskedOverhead(cfg.family, cfg.size, base, sum(e["dense"] for e in layers),
+                          sum(e["sparse"] for e in layers), layers)

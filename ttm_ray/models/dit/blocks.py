@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttm_ray.conditioning.masked_attention import MaskedAttention
+from ttm_ray.conditioning.masked_attention import MaskedAttention, ObjectLayout
 from ttm_ray.models.dit.config import DiTConfig
 
 
@@ -143,11 +143,15 @@ class DiTBlock(nn.Module):
         token_ids: torch.Tensor | None = None,
         local_text: torch.Tensor | None = None,
         local_ids: torch.Tensor | None = None,
+        layout: ObjectLayout | None = None,
     ) -> torch.Tensor:
         """``x [B, N, D]``, ``pos [N, D]``, ``temb [B, D]``, ``shared_mod [B, 6D]`` (adaLN-single),
         ``text [B, L, D]`` (projected); ``token_ids [B, N]``, ``local_text [B, M, D]``,
         ``local_ids [B, M]`` drive the masked layers: masked self-attention runs when
-        ``token_ids`` is given, masked cross-attention when ``local_text`` is given too."""
+        ``token_ids`` is given, masked cross-attention when ``local_text`` is given too.
+        ``layout``: the model forward's ``ObjectLayout(token_ids, local_ids)``, shared by the
+        masked layers of every block (and by recomputation); without one the block builds
+        its own."""
         if self.modulation_table is not None:
             assert shared_mod is not None
             mod = shared_mod.unflatten(-1, (6, -1)) + self.modulation_table
@@ -159,13 +163,21 @@ class DiTBlock(nn.Module):
         x = x + pos
         x = x + gate_a[:, None] * self.attn(modulate(self.norm_attn(x), shift_a, scale_a))
         use_masked = self.masked and token_ids is not None
+        if use_masked and layout is None:
+            assert token_ids is not None
+            with_text = local_text is not None and local_ids is not None
+            layout = ObjectLayout(token_ids.reshape(x.shape[0], -1).to(x.device, torch.long),
+                                  local_ids.to(x.device, torch.long) if with_text else None)
         if use_masked:
-            x = x + self.masked_self_attn(self.masked_self_norm(x), token_ids)
+            assert layout is not None
+            x = x + self.masked_self_attn(self.masked_self_norm(x), layout.token_ids,
+                                          layout=layout)
         x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
         if use_masked and local_text is not None:
-            assert local_ids is not None, "local_text without local_text_ids"
-            x = x + self.masked_cross_attn(self.masked_cross_norm(x), token_ids, local_text,
-                                           local_ids)
+            assert layout is not None and layout.context_ids is not None, \
+                "local_text without local_text_ids"
+            x = x + self.masked_cross_attn(self.masked_cross_norm(x), layout.token_ids,
+                                           local_text, layout.context_ids, layout=layout)
         return x + gate_f[:, None] * self.ffn(modulate(self.norm_ffn(x), shift_f, scale_f))
 
 

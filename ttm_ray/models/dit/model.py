@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ttm_ray.conditioning.batch import ModelConditioning
+from ttm_ray.conditioning.masked_attention import ObjectLayout
 from ttm_ray.models.dit.blocks import DiTBlock, FinalLayer, TimestepEmbedding
 from ttm_ray.models.dit.config import DiTConfig
 from ttm_ray.models.widening import init_input_weight_, widen_input
@@ -172,16 +173,21 @@ class TTMDiT(nn.Module):
         temb = self.time_embed(t)
         shared_mod = self.time_modulation(temb) if self.time_modulation is not None else None
         text = self.text_proj(cond.text.to(x.dtype))
-        token_ids = local_text = local_ids = None
+        token_ids = local_text = local_ids = layout = None
         if self.has_masked_layers and cond.token_ids is not None:
-            token_ids = cond.token_ids.flatten(1).long()  # same raster order as x
+            # Same raster order as x.
+            token_ids = cond.token_ids.flatten(1).to(x.device, torch.long)
             if cond.local_text is not None:
                 # Same projection as the global prompt: one text space for both.
                 local_text = self.text_proj(cond.local_text.to(x.dtype))
-                local_ids = cond.local_text_ids.long()
+                local_ids = cond.local_text_ids.to(x.device, torch.long)
+            # One mask plan for the whole forward: the id sort and the block masks are built
+            # once (lazily) and shared by all K blocks' masked layers and by recomputation.
+            layout = ObjectLayout(token_ids, local_ids)
 
         text_mask = cond.text_mask.bool() if cond.text_mask is not None else None
-        args = (pos, temb, shared_mod, text, text_mask, token_ids, local_text, local_ids)
+        args = (pos, temb, shared_mod, text, text_mask, token_ids, local_text, local_ids,
+                layout)
         for block in self.blocks:
             if block.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, *args, use_reentrant=False)

@@ -162,7 +162,7 @@ class TTMUNet(nn.Module):
         ctx = AttentionContext(
             num_frames=frames,
             text_mask=cond.text_mask if cfg.honour_text_mask else None,
-            local=self._local(cond, (batch, frames, height, width)))
+            local=self._local(cond, (batch, frames, height, width), x_t.device))
         sample = torch.cat([x_t, cond.visual.to(x_t.dtype)], dim=1)
         text = cond.text.to(x_t.dtype).repeat_interleave(frames, dim=0)
         if t.ndim == 0:
@@ -170,8 +170,8 @@ class TTMUNet(nn.Module):
         return self.unet(sample, t, encoder_hidden_states=text,
                          cross_attention_kwargs={"ttm_context": ctx}, return_dict=False)[0]
 
-    def _local(self, cond: ModelConditioning, shape: tuple[int, int, int, int]
-               ) -> LocalConditioning | None:
+    def _local(self, cond: ModelConditioning, shape: tuple[int, int, int, int],
+               device: torch.device) -> LocalConditioning | None:
         # Without local prompts / token ids (a stage-2 model on a batch that has none, or the
         # text-dropped guidance pass) the masked layers are skipped: the base model's
         # behaviour, the same as their zero-init start.
@@ -184,8 +184,10 @@ class TTMUNet(nn.Module):
                              "conditioning.masks.token_object_ids)")
         if cond.local_text_ids is None:
             raise ValueError("cond.local_text is set but cond.local_text_ids is not")
-        return LocalConditioning(self.masked_layers, cond.token_ids, cond.local_text,
-                                 cond.local_text_ids)
+        # One LocalConditioning per call: it builds each level's ObjectLayout (id sort, block
+        # masks) once, for all masked blocks of that level and for recomputation in backward.
+        return LocalConditioning(self.masked_layers, cond.token_ids.to(device), cond.local_text,
+                                 cond.local_text_ids.to(device))
 
 
 def build_unet(cfg: UNetConfig) -> TTMUNet:

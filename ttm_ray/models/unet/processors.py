@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ttm_ray.conditioning.masked_attention import MaskedAttention
+from ttm_ray.conditioning.masked_attention import MaskedAttention, ObjectLayout
 from ttm_ray.conditioning.masks import downsample_token_ids
 
 
@@ -35,7 +35,9 @@ class LocalConditioning:
     """Stage-2 inputs of the masked layers for one call.
 
     ``token_ids`` is ``[B, T, H, W]`` on the latent grid (the U-Net's finest level); coarser
-    levels derive theirs with ``conditioning.masks.downsample_token_ids`` once per call.
+    levels derive theirs with ``conditioning.masks.downsample_token_ids`` once per call, and
+    each level gets one :class:`ObjectLayout` (the id sort and block masks of the masked
+    layers), built once per call and shared by that level's masked blocks and recomputation.
     """
 
     layers: nn.ModuleList
@@ -43,6 +45,7 @@ class LocalConditioning:
     local_text: torch.Tensor
     local_text_ids: torch.Tensor
     _ids_by_level: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _layouts: dict[int, ObjectLayout] = field(default_factory=dict, repr=False)
 
     def ids_at(self, level: int) -> torch.Tensor:
         """``[B, T * h * w]`` object ids at ``level`` (h, w = latent H, W / 2**level), in the
@@ -59,6 +62,16 @@ class LocalConditioning:
             ids = grid.flatten(1).long()
             self._ids_by_level[level] = ids
         return ids
+
+    def layout_at(self, level: int) -> ObjectLayout:
+        """The masked layers' :class:`ObjectLayout` at ``level`` (tokens = :meth:`ids_at`,
+        context = the local-text ids); built once per call, computed lazily on first use."""
+        layout = self._layouts.get(level)
+        if layout is None:
+            ids = self.ids_at(level)
+            layout = ObjectLayout(ids, self.local_text_ids.to(ids.device, torch.long))
+            self._layouts[level] = layout
+        return layout
 
 
 @dataclass
@@ -118,7 +131,8 @@ class TTMAttnProcessor:
     def _masked(self, x: torch.Tensor, frames: int, local: LocalConditioning) -> torch.Tensor:
         # [B*T, N, C] per frame -> [B, T*N, C]: masked attention spans all frames of a sample.
         bt, n, c = x.shape
-        ids = local.ids_at(self.level)
+        layout = local.layout_at(self.level)
+        ids = layout.token_ids
         if bt % frames or ids.shape != (bt // frames, frames * n):
             raise ValueError(
                 f"token ids at level {self.level} are {tuple(ids.shape)} but the block sees "
@@ -127,10 +141,10 @@ class TTMAttnProcessor:
         x = x.reshape(bt // frames, frames * n, c)
         block = local.layers[self.masked_index]
         if self.role == "self":
-            y = block.masked_self(x, ids)
+            y = block.masked_self(x, ids, layout=layout)
         else:
             y = block.masked_cross(x, ids, context=local.local_text.to(x.dtype),
-                                   context_ids=local.local_text_ids)
+                                   context_ids=layout.context_ids, layout=layout)
         return y.reshape(bt, n, c)
 
 
