@@ -552,13 +552,17 @@ class MaskedAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Default init for q/k/v, zeros for the output projection (start as a no-op)."""
-        for lin in (self.to_q, self.to_k, self.to_v):
-            lin.reset_parameters()
-        nn.init.zeros_(self.to_out.weight)
-        for norm in (self.norm_q, self.norm_k):
-            if isinstance(norm, nn.RMSNorm):
-                norm.reset_parameters()
+        """Default init for q/k/v, zeros for the output projection (start as a no-op).
+        Through ``Module.apply``, one module's own parameters at a time: DeepSpeed's
+        ``zero.Init`` has partitioned the children by now and gathers them per module only
+        inside ``apply`` (a direct ``zeros_`` would silently do nothing)."""
+        self.apply(self._reset_module)
+
+    def _reset_module(self, module: nn.Module) -> None:
+        if module is self.to_out:
+            nn.init.zeros_(module.weight)
+        elif module in (self.to_q, self.to_k, self.to_v) or isinstance(module, nn.RMSNorm):
+            module.reset_parameters()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape

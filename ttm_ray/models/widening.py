@@ -68,7 +68,7 @@ class WidenedConv(nn.Module):
             # ``base`` before widening (the U-Net's SD1.5 conv_in) stay in place.
             self.weight = base.weight
         else:
-            self.weight = nn.Parameter(torch.cat([base.weight.detach(), zeros], dim=1))
+            self.weight = nn.Parameter(_joint_weight(base, zeros))
         self.bias = base.bias
         self.register_parameter(EXTRA, nn.Parameter(zeros) if split else None)
         self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
@@ -144,6 +144,21 @@ class WidenedConv(nn.Module):
         self.adapt_checkpoint(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+def _joint_weight(base: nn.Module, zeros: torch.Tensor) -> torch.Tensor:
+    """``cat([base.weight, zeros], dim=1)``, reading the base's weight inside
+    ``base.apply``: under DeepSpeed's ``zero.Init`` (a ZeRO-3 model built partitioned)
+    ``base`` is partitioned by now, and ``apply`` is where it gathers a module's own
+    parameters (a direct read would see an empty tensor)."""
+    parts: list[torch.Tensor] = []
+
+    def take(module: nn.Module) -> None:
+        if module is base:
+            parts.append(module.weight.detach().clone())
+
+    base.apply(take)
+    return torch.cat([parts[0], zeros], dim=1)
 
 
 def widen_input(base: nn.Conv1d | nn.Conv2d | nn.Conv3d, extra_channels: int, *,

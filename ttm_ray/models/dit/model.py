@@ -66,40 +66,57 @@ class TTMDiT(nn.Module):
     def _init_weights(self) -> None:
         """Xavier linears; adaLN gates and the output layer at zero (adaLN-Zero: the gated
         self-attention and FFN branches start closed and the model predicts 0). The masked
-        layers keep ``MaskedAttention``'s own init (output projection zero), so the loop
-        below skips them."""
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not _is_masked(name):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        # From scratch there is no text-to-video model to preserve: Xavier over all input
-        # channels at once, as for one Conv3d (loading a text-to-video checkpoint zeroes the
-        # condition channels; see ttm_ray.models.widening).
-        init_input_weight_(self.patchify,
-                           lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
-        nn.init.zeros_(self.patchify.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        zero = [self.final.linear]
+        layers keep ``MaskedAttention``'s own init (output projection zero), so the first
+        pass skips them.
+
+        Every pass goes through ``Module.apply`` and touches only the visited module's own
+        parameters: under DeepSpeed's ``zero.Init`` (ZeRO-3 built partitioned) children are
+        already partitioned here, and ``apply`` is what it gathers module by module. The
+        passes keep the order of the random draws (all linears, then the input layer, then
+        the timestep MLP), so a seed gives the same weights as before.
+        """
+        masked = {m for name, m in self.named_modules() if _is_masked(name)}
+
+        def xavier_linear(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear) and m not in masked:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        def input_layer(m: nn.Module) -> None:
+            # From scratch there is no text-to-video model to preserve: Xavier over all input
+            # channels at once, as for one Conv3d (loading a text-to-video checkpoint zeroes
+            # the condition channels; see ttm_ray.models.widening).
+            if m is self.patchify:
+                init_input_weight_(m, lambda w: nn.init.xavier_uniform_(w.view(w.shape[0], -1)))
+                nn.init.zeros_(m.bias)
+
+        time_mlp = {self.time_embed.mlp[0], self.time_embed.mlp[2]}
+        zero = {self.final.linear}
         if self.time_modulation is not None:
-            zero.append(self.time_modulation[1])
+            zero.add(self.time_modulation[1])
         if self.final.modulation is not None:
-            zero.append(self.final.modulation[1])
-        for block in self.blocks:
-            if block.modulation is not None:
-                zero.append(block.modulation[1])
-        for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        if self.time_modulation is None:
-            return
-        # adaLN-single: the tables stay random (they break symmetry between blocks), but the
-        # gate rows start at zero so every block is the identity at init.
-        with torch.no_grad():
-            for block in self.blocks:
-                block.modulation_table[2].zero_()
-                block.modulation_table[5].zero_()
+            zero.add(self.final.modulation[1])
+        zero.update(b.modulation[1] for b in self.blocks if b.modulation is not None)
+        blocks = set(self.blocks)
+        single = self.time_modulation is not None
+
+        def time_and_zeros(m: nn.Module) -> None:
+            if m in time_mlp:
+                nn.init.normal_(m.weight, std=0.02)
+            if m in zero:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            if single and m in blocks:
+                # adaLN-single: the tables stay random (they break symmetry between blocks),
+                # but the gate rows start at zero so every block is the identity at init.
+                with torch.no_grad():
+                    m.modulation_table[2].zero_()
+                    m.modulation_table[5].zero_()
+
+        self.apply(xavier_linear)
+        self.apply(input_layer)
+        self.apply(time_and_zeros)
 
     # ------------------------------------------------------------------ helpers
     @property
