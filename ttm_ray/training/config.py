@@ -122,15 +122,29 @@ class FailureConfig:
 
 @dataclass
 class DebugConfig:
+    """Fault-tolerance drills only (tests and rehearsals); both lists are empty in real runs."""
+
     fail_at_steps: list[int] = field(
         default_factory=list,
         metadata={"help": "raise once on rank 0 before each of these steps (fault-tolerance "
                           "drills); a marker file per step under <run.root>/<run.name> stops "
                           "the retry failing again"})
+    pause_at_steps: list[int] = field(
+        default_factory=list,
+        metadata={"help": "drills that kill processes: rank 0 pauses once before each of these "
+                          "steps for up to pause_seconds, after writing "
+                          "<run.root>/<run.name>/paused_before_step_<N> (JSON: its pid, rank, "
+                          "step), so a drill can SIGKILL a worker or the driver at a known "
+                          "step; the marker stops a resumed run pausing there again"})
+    pause_seconds: float = constrained(
+        120.0, gt=0, help="longest pause at each debug.pause_at_steps step; then training "
+                          "goes on (a drill that never kills still finishes)")
 
     def validate(self) -> None:
-        if any(s <= 0 for s in self.fail_at_steps):
-            raise ValueError(f"fail_at_steps must be positive steps, got {self.fail_at_steps}")
+        for key in ("fail_at_steps", "pause_at_steps"):
+            steps = getattr(self, key)
+            if any(s <= 0 for s in steps):
+                raise ValueError(f"{key} must be positive steps, got {steps}")
 
 
 @dataclass

@@ -12,7 +12,10 @@ any other source.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,6 @@ import torch
 from ttm_ray.conditioning.batch import ModelConditioning
 from ttm_ray.config import from_dict
 from ttm_ray.diffusion import ModelFn
-from ttm_ray.models import build_model
 from ttm_ray.training.checkpoint import (
     Probe,
     TrainState,
@@ -36,6 +38,7 @@ from ttm_ray.training.data import ShardedSampler, TrainingData, build_sampler
 from ttm_ray.training.deepspeed_config import deepspeed_config, warmup_factor
 from ttm_ray.training.encoded_data import EncodedTrainingData
 from ttm_ray.training.mlflow_logging import Tracker, model_cost, preview_frames
+from ttm_ray.training.model_init import build_train_model
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # Model and engine: identical initial weights on every rank, then DeepSpeed shards them.
     seed_everything(cfg.run.seed)
-    model = build_model(cfg.model, device=device)
+    ds_config = deepspeed_config(cfg)
+    model = build_train_model(cfg, ds_config, device)  # ZeRO-3: partitioned as it is built
     tokens_per_sample, flops_per_sample = model_cost(cfg, model)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_factor(cfg.optim.warmup_steps)))
 
@@ -114,6 +118,7 @@ def train_worker(config: dict[str, Any]) -> None:
     max_steps = cfg.optim.max_steps
 
     while state.step < max_steps:
+        maybe_pause(cfg, state.step + 1, rank)
         maybe_fail(cfg, state.step + 1, rank)
         lr = engine.get_lr()[0]  # the rate this step trains with (the schedule moves after)
         loss = train_step(engine, model_fn, data, sampler, objective, guidance, state)
@@ -195,8 +200,6 @@ def count_over_ranks(count: int, device: torch.device) -> int:
 def write_bad_rows(cfg: TrainConfig, data: TrainingData, rank: int, world: int,
                    step: int) -> None:
     """Gather every rank's bad rows; rank 0 writes ``<run>/bad_rows.json`` (collective)."""
-    import json
-
     import torch.distributed as dist
 
     gathered: list[dict[int, str] | None] = [None] * world
@@ -228,6 +231,26 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     raise InjectedFailure(f"debug.fail_at_steps: injected failure before step {step} ({marker})")
+
+
+def maybe_pause(cfg: TrainConfig, step: int, rank: int) -> None:
+    """Pause rank 0 once before each ``debug.pause_at_steps`` step for a drill to kill a
+    process at a known point: the marker names this process and is written before the wait,
+    and its existence makes a resumed run go straight through. Steps up to ``step - 1`` are
+    done (logged, and checkpointed where due) on every rank; the others wait for rank 0 in
+    this step's first collective."""
+    if step not in cfg.debug.pause_at_steps or rank != 0:
+        return
+    marker = cfg.out_dir / f"paused_before_step_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")  # renamed into place: a reader never sees half a file
+    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "step": step}))
+    tmp.rename(marker)
+    log.warning("debug.pause_at_steps: rank 0 (pid %d) pauses before step %d for up to %.0f s",
+                os.getpid(), step, cfg.debug.pause_seconds)
+    time.sleep(cfg.debug.pause_seconds)
 
 
 def record_probe(engine: Any, model_fn: ModelFn, objective: Any, data: TrainingData,
