@@ -18,11 +18,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One OpenMP thread in every process a test starts too (job drivers, the it-learns benchmark,
-# the rehearsal's jobs): on 2 shared cores torch's 2 spinning threads per process starved the
-# it-learns subprocess to 16% of a core beside the rehearsal (1,223 s against 394 s alone in
-# CI, 2026-12-07). Ray workers already get OMP_NUM_THREADS from their num_cpus.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 # MLflow must never fall back to ./mlruns from a test: every test passes its own store.
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / '.cache' / 'test-mlflow.db'}")
 
