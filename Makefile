@@ -16,7 +16,7 @@ quickstart: setup
 
 ## test: set up, lint, then the whole test suite (slow tests included). Two pytest-xdist
 ## workers (tests/conftest.py assigns the groups: the Ray Train tests in one, the overfit,
-## pipeline, job-submit and rehearsal tests in the other); 36 minutes from a fresh clone on 2
+## pipeline, job-submit and rehearsal tests in the other); 43-45 minutes from a fresh clone on 2
 ## cores, setup included (measured 2026-12-07).
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
