@@ -365,19 +365,12 @@ def test_activation_checkpointing_matches_plain(stage1_weights: tuple[Path, TTMD
 
 
 def test_one_object_layout_per_forward_shared_by_all_masked_layers(
-        stage1_weights: tuple[Path, TTMDiT], monkeypatch: pytest.MonkeyPatch) -> None:
+        stage1_weights: tuple[Path, TTMDiT], layouts_made: list[ObjectLayout]) -> None:
     """The forward builds one ObjectLayout; every masked layer of the K blocks and the
     recomputation in backward share it (ids sorted once), and the result equals the dense
     sdpa path (no layout use), forward and gradients."""
     path, _ = stage1_weights
-    made: list[ObjectLayout] = []
-    init = ObjectLayout.__init__
-
-    def counting_init(self: ObjectLayout, *args, **kwargs) -> None:
-        made.append(self)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(ObjectLayout, "__init__", counting_init)
+    made = layouts_made
     results = {}
     for backend in ("sdpa", "grouped"):
         model = build(tiny(2, init_from=str(path), activation_checkpointing=True,

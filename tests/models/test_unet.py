@@ -264,18 +264,11 @@ def test_activation_checkpointing_gives_the_same_gradients(stage2: TTMUNet) -> N
 
 
 def test_one_object_layout_per_level_per_forward(stage2: TTMUNet,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 layouts_made: list[ObjectLayout]) -> None:
     """Each forward builds one ObjectLayout per masked level, shared by that level's masked
     self- and cross-attention and by diffusers' recomputation (ids sorted once); the result
     equals the dense sdpa path (no layout use), forward and gradients."""
-    made: list[ObjectLayout] = []
-    init = ObjectLayout.__init__
-
-    def counting_init(self: ObjectLayout, *args, **kwargs) -> None:
-        made.append(self)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(ObjectLayout, "__init__", counting_init)
+    made = layouts_made
     cfg = stage2.config
     levels = set(cfg.encoder_transformer_levels[:cfg.masked_blocks])
     results = {}
