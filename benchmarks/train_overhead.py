@@ -365,9 +365,8 @@ def gpu_case(base: TrainConfig, work: Path, label: str, size: str, overrides: di
     """
     import torch
 
-    from ttm_ray.conditioning.batch import ModelConditioning
     from ttm_ray.models import build_model
-    from ttm_ray.models.flops import example_inputs
+    from ttm_ray.models.flops import random_example_inputs
     from ttm_ray.training.loop import engine_fn
 
     model_cfg = dataclasses.replace(base.model, size=size, overrides=overrides,
@@ -397,16 +396,7 @@ def gpu_case(base: TrainConfig, work: Path, label: str, size: str, overrides: di
         engine = PlainEngine(build_model(cfg.model, device=dev), cfg, dtype=torch.bfloat16)
         params = sum(p.numel() for p in engine.params)
         gen = torch.Generator(device="cpu").manual_seed(0)
-        x_t, _, zeros = example_inputs(cfg.model, engine.module, batch=1, device=dev)
-
-        def rand(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None or not t.is_floating_point():
-                return t  # masks and ids as example_inputs built them
-            return torch.randn(t.shape, generator=gen).to(dev)
-
-        cond = ModelConditioning(**{f.name: rand(getattr(zeros, f.name))
-                                    for f in dataclasses.fields(zeros)})
-        x_data = rand(x_t)
+        x_data, cond = random_example_inputs(cfg.model, engine.module, gen, device=dev)
         objective = cfg.diffusion.build()
         model_fn = engine_fn(engine)
         tracker = make_tracker(cfg, engine.module, work / "gpu", "synthetic")

@@ -124,9 +124,8 @@ def run_steps(cfg: Any, device: Any, warmup: int, steps: int) -> dict[str, Any]:
     import deepspeed
     import torch
 
-    from ttm_ray.conditioning.batch import ModelConditioning
     from ttm_ray.models import build_model
-    from ttm_ray.models.flops import example_inputs
+    from ttm_ray.models.flops import random_example_inputs
     from ttm_ray.training.deepspeed_config import deepspeed_config, warmup_factor
     from ttm_ray.training.loop import engine_fn
 
@@ -141,16 +140,7 @@ def run_steps(cfg: Any, device: Any, warmup: int, steps: int) -> dict[str, Any]:
             opt, warmup_factor(cfg.optim.warmup_steps)))
     setup_s = time.perf_counter() - start
     gen = torch.Generator().manual_seed(0)
-    x_t, _, zeros = example_inputs(cfg.model, engine.module, batch=1, device=device)
-
-    def rand(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or not t.is_floating_point():
-            return t  # masks and ids as example_inputs built them
-        return torch.randn(t.shape, generator=gen).to(device)
-
-    cond = ModelConditioning(**{f.name: rand(getattr(zeros, f.name))
-                                for f in dataclasses.fields(zeros)})
-    x_data = rand(x_t)
+    x_data, cond = random_example_inputs(cfg.model, engine.module, gen, device=device)
     objective = cfg.diffusion.build()
     model_fn = engine_fn(engine)
     losses: list[float] = []

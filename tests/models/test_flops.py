@@ -16,6 +16,7 @@ from ttm_ray.models.flops import (
     masked_layer_flops,
     masked_layers_overhead,
     measured_forward_flops,
+    random_example_inputs,
     representative_local_ids,
     representative_object_ids,
 )
@@ -124,3 +125,19 @@ def test_masked_overhead_unet_dense_matches_the_flop_counter() -> None:
     assert overhead.dense == with_masked - overhead.base
     assert [layer["level"] for layer in overhead.layers] == [0, 1]
     assert overhead.sparse < overhead.dense
+
+
+def test_random_example_inputs_keep_shapes_and_ids_and_follow_the_seed() -> None:
+    """The benchmarks' timing inputs: example_inputs' shapes, normal floats, ids untouched."""
+    cfg = from_dict(ModelConfig, {"family": "dit", "size": "dit-tiny", "stage": 2,
+                                  "latent_channels": 4, "num_frames": 4, "height": 8,
+                                  "width": 8})
+    model = build_model(cfg)
+    x_t, _, zeros = example_inputs(cfg, model)
+    x, cond = random_example_inputs(cfg, model, torch.Generator().manual_seed(3))
+    x2, cond2 = random_example_inputs(cfg, model, torch.Generator().manual_seed(3))
+    assert x.shape == x_t.shape and x.std() > 0.5 and torch.equal(x, x2)
+    assert cond.visual.shape == zeros.visual.shape and torch.equal(cond.text, cond2.text)
+    assert cond.text.std() > 0.5
+    assert torch.equal(cond.token_ids, zeros.token_ids)
+    assert torch.equal(cond.text_mask, zeros.text_mask)

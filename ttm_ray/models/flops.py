@@ -135,6 +135,27 @@ def example_inputs(cfg: ModelConfig, model: torch.nn.Module, batch: int = 1,
     return x_t, t, cond
 
 
+
+def random_example_inputs(cfg: ModelConfig, model: torch.nn.Module, generator: torch.Generator,
+                          batch: int = 1, device: torch.device | str = "cpu"):
+    """:func:`example_inputs`' shapes with standard-normal floats (drawn on the CPU from
+    ``generator``, so a seed gives the same values on any device): ``(x_data, cond)`` for
+    timing a training step. Masks and object ids stay as :func:`example_inputs` builds them."""
+    import dataclasses
+
+    from ttm_ray.conditioning.batch import ModelConditioning
+
+    x_t, _, zeros = example_inputs(cfg, model, batch=batch, device=device)
+
+    def rand(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not t.is_floating_point():
+            return t
+        return torch.randn(t.shape, generator=generator).to(device)
+
+    cond = ModelConditioning(**{f.name: rand(getattr(zeros, f.name))
+                                for f in dataclasses.fields(zeros)})
+    return rand(x_t), cond
+
 def _text_dim(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     for name in ("text_dim", "cross_attention_dim"):
