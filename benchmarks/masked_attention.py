@@ -518,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peaks-of", default=None, help=argparse.SUPPRESS)  # memory child
     parser.add_argument("--mask-peak-of", default=None, help=argparse.SUPPRESS)  # ditto
     args = parser.parse_args(argv)
+    if args.tokens < 1:
+        parser.error(f"--tokens must be a positive token count, got {args.tokens}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
