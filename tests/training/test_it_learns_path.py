@@ -2,19 +2,22 @@
 Ray (synth both splits -> ``ttm-ray prep`` -> three ``ttm-ray train`` runs on Ray Train +
 DeepSpeed -> guided sampling of every held-out clip -> scores).
 
-What it asserts (issue 15, item 3):
+What it asserts (issue 15, item 3), on the quick run exactly as ``--quick`` runs it (700
+training clips, 21 held-out; stage 1 :data:`STAGE1_STEPS` steps, stage 2 :data:`STAGE2_STEPS`),
+whose figures are recorded in ``benchmarks/results/it_learns.md``:
 
-* **Stage 2 learns the paper's Fig. 6 effect.** The quick run's data (700 training clips, 21
-  held-out) and stage-2 runs shortened to :data:`STAGE2_STEPS`; measured at that setting
-  (``benchmarks/results/it_learns.md``): binding 0.704 with masked attention, 0.407 without,
-  rotated local prompts followed 0.889, over 27 objects. The thresholds sit about 0.15 below
-  each (:data:`MIN_BINDING`, :data:`MIN_BINDING_GAIN`, :data:`MIN_SWAP`): a few of the 27
-  objects may flip on another CPU's float rounding, a model that ignores its local prompts
-  scores about 0.5 and 0 gain.
-* **Stage 1's path and ground truth**, not learning: stage 1 trains :data:`STAGE1_STEPS`
-  steps here because at CPU step counts the DiT does not beat the static baseline yet (the
-  gap is in the results file). The static baseline it reports must equal the one computed
-  here from the generator's own masks, and the object counts must be right.
+* **Stage 2 learns the paper's Fig. 6 effect.** Measured: binding 0.963 with masked
+  attention, 0.37 without, rotated local prompts followed 1.0, over 27 objects. The
+  thresholds (:data:`MIN_BINDING`, :data:`MIN_BINDING_GAIN`, :data:`MIN_SWAP`) sit 0.15 or
+  more below: a few of the 27 objects may flip on another CPU's float rounding; a model that
+  ignores its local prompts scores about 0.5 and no gain.
+* **Stage 1 learns the trajectories, but does not beat the static baseline yet.** Measured:
+  held-out IoU 0.359 against the static baseline's 0.469 (direction accuracy 0.39, too noisy
+  over 36 objects to assert). The test asserts :data:`MIN_STAGE1_IOU`, about 0.1 below the
+  measured value and far above an untrained model, and states the gap instead of hiding it:
+  the issue's target (beating the baseline) is not asserted because it is not met.
+* **The scores' ground truth**: the static baseline it reports equals the one computed here
+  from the generator's own masks, and the object counts are right.
 """
 
 from __future__ import annotations
@@ -33,21 +36,20 @@ from ttm_ray.inference.generate import fit_masks
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN, HELDOUT = 700, 21  # the quick run's clips
-STAGE1_STEPS, STAGE2_STEPS = 2, 200
-MIN_BINDING, MIN_BINDING_GAIN, MIN_SWAP = 0.55, 0.15, 0.7
+STAGE1_STEPS, STAGE2_STEPS = 300, 200  # the quick run's (QUICK in the benchmark)
+MIN_BINDING, MIN_BINDING_GAIN, MIN_SWAP = 0.8, 0.4, 0.85
+MIN_STAGE1_IOU = 0.25
 
 pytestmark = pytest.mark.slow
 
 
-def test_it_learns_dit_stage2_binds_and_the_path_scores_right(tmp_path: Path) -> None:
+def test_it_learns_dit_quick_run(tmp_path: Path) -> None:
     record = tmp_path / "it_learns.md"
     out = subprocess.run(
         [sys.executable, "benchmarks/it_learns.py", "--quick", "--root", str(tmp_path / "work"),
-         "--train-clips", str(TRAIN), "--heldout-clips", str(HELDOUT),
-         "--stage1-steps", str(STAGE1_STEPS), "--stage2-steps", str(STAGE2_STEPS),
          "--record", str(record)],
-        # A hang guard, not a time limit: 6.5 min alone, but in CI it shares 2 cores with
-        # the production rehearsal and once ran past 20 min (2026-12-07).
+        # A hang guard, not a time limit: ~8 min alone, but in CI it shares 2 cores with the
+        # production rehearsal (the shorter stage-1 version once ran past 20 min there).
         cwd=REPO, capture_output=True, text=True, timeout=2700)
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -60,7 +62,11 @@ def test_it_learns_dit_stage2_binds_and_the_path_scores_right(tmp_path: Path) ->
     assert stage2["binding_masked"] - stage2["binding_unmasked"] >= MIN_BINDING_GAIN, stage2
     assert stage2["swap_follows"] >= MIN_SWAP, stage2
 
-    # Stage 1: the ground truth the scores are computed against.
+    # Stage 1: it places the objects far better than an untrained model, not yet better than
+    # leaving them where they are (stage1["static_iou"]): the open gap of issue 15.
+    assert stage1["heldout_iou"] >= MIN_STAGE1_IOU, stage1
+
+    # The ground truth the scores are computed against.
     clips = [make_clip(0, i, "heldout") for i in range(HELDOUT)]
     static, objects = [], 0
     for clip in clips:
@@ -75,4 +81,5 @@ def test_it_learns_dit_stage2_binds_and_the_path_scores_right(tmp_path: Path) ->
     assert 0.0 <= stage1["heldout_iou"] <= 1.0 and 0.0 <= stage1["direction_acc"] <= 1.0
     assert stage2["objects"] == sum(len(c.objects) for c in clips if len(c.objects) > 1)
     text = record.read_text()
-    assert "| dit |" in text and f'"stage2_steps": {STAGE2_STEPS}' in text
+    assert "| dit |" in text and f'"stage1_steps": {STAGE1_STEPS}' in text
+    assert f'"stage2_steps": {STAGE2_STEPS}' in text and f'"train_clips": {TRAIN}' in text
