@@ -46,16 +46,14 @@ def _cuda_available() -> bool:
 #: How ``make test`` (``pytest -n 2 --dist loadgroup``) splits the suite over its two workers,
 #: by file. "main" holds the Ray Train tests, which share one local Ray, one tiny dataset and
 #: the cached training runs (tests/training/train_runs.py), and everything not named here.
-#: "solo" holds the single-process overfit tests, the ``ray job submit`` end-to-end test (its
-#: own ``ray start`` cluster in its own temp dir, so no ``ray.init()`` elsewhere can find it)
-#: and the data-prep pipeline tests (on that worker's own local Ray), and the fake autoscaling
-#: cluster's tests and the production rehearsal (their own head and fake nodes, also in their
-#: own temp dir). Measured on a fresh clone (2026-12-07, bd57eca): 35 minutes of tests, the
-#: solo worker the longer one (its 18-minute rehearsal runs while the other worker does the tiny Ray
-#: Train runs, about a minute of start-up each, and the encoded-cache tests).
-_SOLO = ("tests/models/test_it_learns.py", "tests/ops/test_job_submit_e2e.py",
-         "tests/ops/test_fake_cluster.py", "tests/ops/test_rehearsal.py",
-         "tests/data_prep/test_pipeline.py")
+#: "solo" holds the ``ray job submit`` end-to-end test (its own ``ray start`` cluster in its own
+#: temp dir, so no ``ray.init()`` elsewhere can find it), the data-prep pipeline tests (on that
+#: worker's own local Ray), and the fake autoscaling cluster's tests and the production
+#: rehearsal (their own head and fake nodes, also in their own temp dir). The rehearsal takes
+#: 25-27 minutes of the solo worker while the main worker runs the it-learns quick run and the
+#: tiny Ray Train runs (about a minute of start-up each); README "Tests" has the measured total.
+_SOLO = ("tests/ops/test_job_submit_e2e.py", "tests/ops/test_fake_cluster.py",
+         "tests/ops/test_rehearsal.py", "tests/data_prep/test_pipeline.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
