@@ -15,9 +15,9 @@ quickstart: setup
 	$(BIN)/ttm-ray quickstart
 
 ## test: set up, lint, then the whole test suite (slow tests included). Two pytest-xdist
-## workers (tests/conftest.py assigns the groups: the Ray Train tests in one, the overfit,
-## pipeline, job-submit and rehearsal tests in the other); 43-45 minutes from a fresh clone on 2
-## cores, setup included (measured 2026-12-07).
+## workers (tests/conftest.py assigns the groups: the Ray Train tests and the it-learns quick
+## run in one, the pipeline, job-submit and rehearsal tests in the other); README "Tests" has
+## the time measured from a fresh clone on 2 cores.
 test: setup lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
