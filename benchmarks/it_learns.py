@@ -4,6 +4,7 @@ scored on held-out clips (issue 15).
     .venv/bin/python benchmarks/it_learns.py --quick            # DiT only, <= 10 min
     .venv/bin/python benchmarks/it_learns.py                    # DiT and U-Net, ~30 min
     .venv/bin/python benchmarks/it_learns.py --families dit --stage1-steps 600 --root /tmp/l
+    .venv/bin/python benchmarks/it_learns.py --quick --set optim.lr=0.004   # any train overlay
 
 The path, per family, is what a user runs:
 
@@ -106,6 +107,27 @@ FAMILY_OVERLAY: dict[str, list[str]] = {
             "diffusion.flow_matching.logit_normal_mean=-2.0"],
     "unet": [],
 }
+
+
+def check_overlays(s: Settings) -> None:
+    """Load every train config the run will use with the family's and ``--set`` overlays, so a
+    misspelt key or a bad value stops the run before data prep and Ray, naming the overlay."""
+    from ttm_ray.config import load_config
+    from ttm_ray.training.config import TrainConfig
+
+    for item in s.extra:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. "
+                             "diffusion.flow_matching.logit_normal_mean=-1.0")
+    for family in s.families:
+        for stage in (1, 2):
+            path = ROOT / f"jobs/configs/train/{family}_stage{stage}_tiny.yaml"
+            try:
+                load_config(TrainConfig, str(path), [*FAMILY_OVERLAY[family], *s.extra])
+            except Exception as err:  # ConfigError or a value the schema rejects
+                overlays = [*FAMILY_OVERLAY[family], *s.extra]
+                raise SystemExit(f"{path.name} with the overlays {overlays} does not load "
+                                 f"(check --set): {err}") from err
 
 
 def train_overlay(s: Settings, stage: int, root: Path, dataset_root: str, text_encoder: Path,
@@ -308,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="extra", action="append", default=None,
                         metavar="KEY=VALUE",
                         help="an extra train-config overlay for every run (repeatable), e.g. "
-                             "--set model.overrides.rope=true")
+                             "--set diffusion.flow_matching.logit_normal_mean=-1.0")
     parser.add_argument("--record", default=None,
                         help="results file (default: benchmarks/results/it_learns.md without "
                              "--quick, none with it)")
@@ -321,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.extra:
         s.extra = tuple(args.extra)
     s.check()
+    check_overlays(s)
     import tempfile
 
     root = Path(args.root or tempfile.mkdtemp(prefix="it-learns-")).resolve()

@@ -84,3 +84,18 @@ def test_it_learns_dit_quick_run(tmp_path: Path) -> None:
     text = record.read_text()
     assert "| dit |" in text and f'"stage1_steps": {STAGE1_STEPS}' in text
     assert f'"stage2_steps": {STAGE2_STEPS}' in text and f'"train_clips": {TRAIN}' in text
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ("nonsense", "expected KEY=VALUE"), ("model.bogus=1", "does not load"),
+    ("optim.lr=abc", "does not load")])
+def test_a_bad_set_overlay_stops_before_any_work(overlay: str, message: str,
+                                                 tmp_path: Path) -> None:
+    """``--set`` is checked against every train config the run loads, before synth, prep or
+    Ray start: the error names the overlay and nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/it_learns.py", "--quick", "--root", str(tmp_path / "w"),
+         "--set", overlay], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert message in out.stderr and overlay.split("=")[0] in out.stderr
+    assert not (tmp_path / "w").exists()
