@@ -14,10 +14,17 @@ import torch
 
 from ttm_ray.conditioning.autoencoders import AutoencoderConfig
 from ttm_ray.conditioning.text_encoders import TextEncoderConfig
-from ttm_ray.conditioning.trajectory import trajectory_to_object_ids
+from ttm_ray.conditioning.trajectory import NUM_COLOURS, trajectory_to_object_ids
 from ttm_ray.dataset.versions import DatasetVersion, VersionWriter, open_version, write_part
 from ttm_ray.models import ModelConfig, build_model
-from ttm_ray.training.clips import COLUMNS, BadClipError, ClipSpec, RowReader, prepare_clip
+from ttm_ray.training.clips import (
+    COLUMNS,
+    BadClipError,
+    ClipSpec,
+    RowReader,
+    colour_slots_for,
+    prepare_clip,
+)
 from ttm_ray.training.data import (
     BadRowsError,
     DataPosition,
@@ -287,6 +294,41 @@ def test_source_video_path_matches_the_embedded_clip(tiny_dataset: Path) -> None
     assert diff < 8.0, diff
     with pytest.raises(BadClipError, match=f"clip '{row['clip_id']}': cannot read frames"):
         prepare_clip({**row, "clip_bytes": None, "source_uri": "/nowhere/x.mp4"}, spec)
+
+
+@slow
+def test_colour_slots_relabel_objects_consistently_and_reproducibly(tiny_dataset: Path) -> None:
+    """data.colour_slots: every object keeps its pixels but may take another colour of the
+    first N, drawn per clip from data.seed and the clip id; the trajectory, the token ids and
+    the local prompts' ids all follow the same relabelling."""
+    rows = open_version(tiny_dataset).read("data", columns=list(COLUMNS)).to_pylist()
+    base = ClipSpec(stage=2, frames=8, height=32, width=32, token_grid=(4, 8, 8))
+    relabelled = dataclasses.replace(base, colour_slots=4, colour_seed=3)
+    seen: set[int] = set()
+    for row in rows:
+        plain, clip = prepare_clip(row, base), prepare_clip(row, relabelled)
+        mapping = colour_slots_for(row["clip_id"], [o["color_index"] for o in row["masks"]], 4, 3)
+        assert sorted(mapping) == sorted(plain.local_ids) or not plain.local_ids
+        assert len(set(mapping.values())) == len(mapping) and max(mapping.values()) < 4
+        assert clip.local_ids == [mapping[i] for i in plain.local_ids]
+        lookup = np.full(NUM_COLOURS + 1, -1)  # index -1 (background) stays -1
+        for old, new in mapping.items():
+            lookup[old] = new
+        assert np.array_equal(trajectory_to_object_ids(clip.trajectory),
+                              lookup[trajectory_to_object_ids(plain.trajectory)])
+        assert np.array_equal(clip.token_ids, lookup[plain.token_ids])
+        assert np.array_equal(clip.frames, plain.frames)
+        # the same clip gets the same colours on every call (workers, epochs, resumes)
+        assert np.array_equal(prepare_clip(row, relabelled).trajectory, clip.trajectory)
+        seen |= set(mapping.values())
+    assert seen == {0, 1, 2, 3}, seen  # colours beyond the clips' object counts are drawn
+    assert colour_slots_for("c", [0, 1], 0) == {0: 0, 1: 1}  # 0 keeps prep's colours
+    # more objects than slots: the pool grows to the object count, colours stay distinct
+    assert sorted(colour_slots_for("c", [0, 1, 2], 2).values()) == [0, 1, 2]
+    orphan = {**rows[0], "c_local": [*rows[0]["c_local"], {"name": "x", "prompt": "x",
+                                                           "color_index": 19}]}
+    with pytest.raises(BadClipError, match=r"local prompt\(s\) for color_index \[19\]"):
+        prepare_clip(orphan, relabelled)
 
 
 def copy_version(version: DatasetVersion, root: str) -> DatasetVersion:

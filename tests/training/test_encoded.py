@@ -168,6 +168,11 @@ def test_training_preflight_refuses_other_encoders(encoded, tiny_dataset: Path) 
     dit = replace(train, model=model_config("dit", 2))
     with pytest.raises(ConfigError, match=r"geometry\.token_grid"):
         preflight(dit)
+    # relabelled colours are in the stored trajectory latents: a run asking for them refuses
+    # a version encoded without
+    slots = replace(train, data=replace(train.data, colour_slots=3))
+    with pytest.raises(ConfigError, match=r"geometry\.colour_slots"):
+        preflight(slots)
 
 
 def test_a_tiny_run_trains_from_the_encoded_version(ray_local, tiny_dataset: Path,

@@ -42,6 +42,7 @@ from ttm_ray.conditioning.encoders import (
     LocalTextConfig,
     to_model_video,
 )
+from ttm_ray.conditioning.trajectory import NUM_COLOURS
 from ttm_ray.config import constrained
 from ttm_ray.dataset.versions import open_version
 from ttm_ray.models.config import ModelConfig
@@ -88,6 +89,12 @@ class TrainDataConfig:
     mask_rule: Literal["area", "box"] = constrained(
         "area", help="masks -> token ids: area (>= threshold of a token) | box (the paper's)")
     mask_threshold: float = constrained(0.5, gt=0, le=1, help="coverage that claims a token")
+    colour_slots: int = constrained(
+        0, ge=0, le=NUM_COLOURS,
+        help="0: object k keeps prep's colour k; N: each clip's objects get distinct colours "
+             "drawn from the first N of the colour table (seeded by data.seed and the clip "
+             "id), so a model trained on clips of few objects has drawn the colours that "
+             "clips with more objects give their later objects")
     local_tokens_per_object: int | None = constrained(
         None, gt=0, help="cap on each local prompt's tokens; null: the text encoder's length")
     local_tokens: int | None = constrained(
@@ -279,7 +286,8 @@ def clip_spec(stage: int, model_cfg: ModelConfig, cfg: TrainDataConfig, ae: Any,
                     time_factor=ae.factors[0], causal=ae.causal,
                     token_grid=grid if stage == 2 else None,
                     mask_rule=cfg.mask_rule, mask_threshold=cfg.mask_threshold,
-                    allow_empty_prompt=allow_empty_prompt)
+                    allow_empty_prompt=allow_empty_prompt, colour_slots=cfg.colour_slots,
+                    colour_seed=cfg.seed)
 
 
 def encoded_geometry(model_cfg: ModelConfig, cfg: TrainDataConfig,
@@ -295,6 +303,8 @@ def encoded_geometry(model_cfg: ModelConfig, cfg: TrainDataConfig,
         "token_grid": list(token_grid(m)), "mask_rule": cfg.mask_rule,
         "mask_threshold": float(cfg.mask_threshold),
         "local_tokens_per_object": cfg.local_tokens_per_object,
+        # the relabelled colours are in the stored trajectory latents of both stages
+        "colour_slots": cfg.colour_slots, "colour_seed": cfg.seed if cfg.colour_slots else 0,
     }
     if stage == 1:
         for key in ("token_grid", "mask_rule", "mask_threshold", "local_tokens_per_object"):
