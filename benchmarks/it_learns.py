@@ -46,6 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # results_file (benchmarks/ is not a package)
 
 PREP_CONFIG = ROOT / "jobs/configs/prep/quickstart.yaml"
 #: Clips of 4 frames at 4 fps out of the task's 8-frame, 8 fps videos: frames 0, 2, 4, 6
@@ -303,10 +304,12 @@ def table(results: dict[str, Any]) -> str:
 
 def record(path: Path, s: Settings, results: dict[str, Any], timings: dict[str, Any],
            command: str) -> None:
+    """The run's section of ``path`` (:func:`results_file.write_section`): the notes and
+    probes around it are kept."""
     import torch
+    from results_file import write_section
 
-    path.write_text(
-        "# It learns (issue 15): CPU run\n\n"
+    write_section(path, "it_learns", (
         f"Command: `{command}`; machine: {os.cpu_count()} cores, {platform.processor() or '?'}"
         f", Python {platform.python_version()}, torch {torch.__version__}.\n\n"
         f"Settings: {json.dumps(s.__dict__)}\n\n"
@@ -314,7 +317,8 @@ def record(path: Path, s: Settings, results: dict[str, Any], timings: dict[str, 
         "`benchmarks/it_learns.py`, plus per family "
         f"{json.dumps({f: FAMILY_OVERLAY[f] for f in s.families})}.\n\n"
         f"{table(results)}\n\nWall-clock (s): {json.dumps(timings)}\n\n"
-        f"```json\n{json.dumps(results, indent=1)}\n```\n")
+        f"```json\n{json.dumps(results, indent=1)}\n```\n"),
+        "# It learns (issue 15): CPU run\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
