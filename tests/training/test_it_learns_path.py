@@ -6,17 +6,18 @@ What it asserts (issue 15, item 3), on the quick run exactly as ``--quick`` runs
 training clips, 21 held-out; stage 1 :data:`STAGE1_STEPS` steps, stage 2 :data:`STAGE2_STEPS`),
 whose figures are recorded in ``benchmarks/results/it_learns.md``:
 
-* **Stage 2 learns the paper's Fig. 6 effect.** Measured: binding 0.926 with masked
-  attention, 0.407 without, rotated local prompts followed 0.963, over 27 objects (another
-  run: 0.963 / 0.37 / 1.0). The thresholds (:data:`MIN_BINDING`, :data:`MIN_BINDING_GAIN`,
+* **Stage 2 learns the paper's Fig. 6 effect.** Measured: binding 0.889 with masked
+  attention, 0.37 without, rotated local prompts followed 0.963, over 27 objects (at 200
+  steps: 1.0 / 0.407 / 1.0). The thresholds (:data:`MIN_BINDING`, :data:`MIN_BINDING_GAIN`,
   :data:`MIN_SWAP`) sit 0.1 or more below: a few of the 27 objects flip between runs; a
   model that ignores its local prompts scores about 0.5 and no gain.
-* **Stage 1 learns the trajectories, but does not beat the static baseline yet.** Measured:
-  held-out IoU 0.359 against the static baseline's 0.469 (direction accuracy 0.39, too noisy
-  over 36 objects to assert). The test asserts :data:`MIN_STAGE1_IOU`, about 0.1 below the
-  measured value (0.192 before the t shift of the benchmark's DiT overlay), and states the
-  gap instead of hiding it: the issue's target (beating the baseline) is not asserted
-  because it is not met.
+* **Stage 1 beats the static baseline on held-out clips.** Measured: IoU 0.515 against the
+  static baseline's 0.469 (the issue's check; the same figure in two runs, stage 1 is
+  deterministic here). Direction accuracy 0.47 is too noisy over 36 objects to assert.
+  :data:`MIN_STAGE1_IOU` sits about 0.1 below the measured value.
+* **Three-object clips (never seen in training) get their third object right.** Its IoU was
+  0.01 before the benchmark drew training colours from 3 slots (``data.colour_slots``), and
+  0.61-0.67 after (3 objects); :data:`MIN_THIRD_OBJECT_IOU` sits about half-way.
 * **The scores' ground truth**: the static baseline it reports equals the one computed here
   from the generator's own masks, and the object counts are right.
 """
@@ -31,15 +32,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.synthetic_task import make_clip, render_clip
+from data_prep.synthetic_task import MOTIONS, make_clip, render_clip
 from ttm_ray.evaluation.learning import static_trajectory, trajectory_iou
 from ttm_ray.inference.generate import fit_masks
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN, HELDOUT = 700, 21  # the quick run's clips
-STAGE1_STEPS, STAGE2_STEPS = 300, 200  # the quick run's (QUICK in the benchmark)
-MIN_BINDING, MIN_BINDING_GAIN, MIN_SWAP = 0.8, 0.4, 0.85
-MIN_STAGE1_IOU = 0.25
+STAGE1_STEPS, STAGE2_STEPS = 700, 150  # the quick run's (QUICK in the benchmark)
+MIN_BINDING, MIN_BINDING_GAIN, MIN_SWAP = 0.75, 0.4, 0.85
+MIN_STAGE1_IOU = 0.4
+MIN_THIRD_OBJECT_IOU = 0.3
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +51,7 @@ def test_it_learns_dit_quick_run(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "benchmarks/it_learns.py", "--quick", "--root", str(tmp_path / "work"),
          "--record", str(record)],
-        # A hang guard, not a time limit: ~8 min alone, but in CI it shares 2 cores with the
+        # A hang guard, not a time limit: ~9 min alone, but in CI it shares 2 cores with the
         # production rehearsal (the shorter stage-1 version once ran past 20 min there).
         cwd=REPO, capture_output=True, text=True, timeout=2700)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -63,9 +65,15 @@ def test_it_learns_dit_quick_run(tmp_path: Path) -> None:
     assert stage2["binding_masked"] - stage2["binding_unmasked"] >= MIN_BINDING_GAIN, stage2
     assert stage2["swap_follows"] >= MIN_SWAP, stage2
 
-    # Stage 1: it places the objects far better than an untrained model, not yet better than
-    # leaving them where they are (stage1["static_iou"]): the open gap of issue 15.
+    # Stage 1: on held-out clips it places the objects better than leaving them where they
+    # are (the static baseline), which needs the motion prompt.
     assert stage1["heldout_iou"] >= MIN_STAGE1_IOU, stage1
+    assert stage1["heldout_iou"] > stage1["static_iou"], stage1
+    # Every motion is scored, and the third object of a clip (a count never trained on, so
+    # a colour prep never gave a training object) is placed, not lost.
+    assert set(stage1["iou_by_motion"]) == set(MOTIONS), stage1
+    assert len(stage1["iou_by_object"]) == 3, stage1
+    assert stage1["iou_by_object"][2] >= MIN_THIRD_OBJECT_IOU, stage1
 
     # The ground truth the scores are computed against.
     clips = [make_clip(0, i, "heldout") for i in range(HELDOUT)]
