@@ -9,7 +9,8 @@
 
 The folder is written under a temporary name and renamed into place, ``generation.json``
 inside it, so :func:`is_done` (the file exists) means the item is complete: batch runs skip
-such items on a rerun and redo anything else.
+such items on a rerun and redo anything else. A writer killed mid-item (SIGKILL, a lost node)
+leaves its temporary folder behind; the next write of that item removes it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def _mp4(path: Path, frames: np.ndarray, fps: float) -> None:
                 else "yuv444p")
 
 
+def _temp_dirs(final: Path) -> list[Path]:
+    """Temporary folders of this item, finished or abandoned (``.<item>.tmp-<hex>``)."""
+    return list(final.parent.glob(f".{final.name}.tmp-*"))
+
+
 def write_outputs(out_dir: str | Path, output: GenerationOutput, fps: float,
                   overlay_alpha: float = 0.5, extra: dict[str, Any] | None = None) -> Path:
     """Write one item atomically; returns its folder. An existing folder is replaced."""
@@ -58,6 +64,9 @@ def write_outputs(out_dir: str | Path, output: GenerationOutput, fps: float,
 
     final = item_dir(out_dir, output.item_id)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A plan hands an item to one writer, so any temporary folder of it is a killed writer's.
+    for stale in _temp_dirs(final):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
