@@ -173,6 +173,26 @@ def test_training_preflight_refuses_other_encoders(encoded, tiny_dataset: Path) 
     slots = replace(train, data=replace(train.data, colour_slots=3))
     with pytest.raises(ConfigError, match=r"geometry\.colour_slots"):
         preflight(slots)
+    # ... and the other way: a version encoded with relabelled colours is refused by a run
+    # with prep's. A version made before the option records no colour keys (as one encoded
+    # with prep's colours does now): it matches a run with prep's colours.
+    from ttm_ray.conditioning.autoencoders import geometry
+    from ttm_ray.dataset.versions import DatasetVersion
+    from ttm_ray.training.preflight import encoded_problems
+
+    version = open_version(summary["dataset_root"], summary["encoded_version"])
+    recorded = version.manifest["lineage"]["geometry"]
+    assert "colour_slots" not in recorded and "colour_seed" not in recorded
+    ae = geometry(train.encoders.autoencoder)
+    assert encoded_problems(train, version, ae) == []
+    lineage = {**version.manifest["lineage"],
+               "geometry": {**recorded, "colour_slots": 3, "colour_seed": 0}}
+    relabelled = DatasetVersion(version.root, version.name,
+                                {**version.manifest, "lineage": lineage})
+    problems = encoded_problems(train, relabelled, ae)
+    assert len(problems) == 1, problems
+    assert "geometry.colour_slots: 0 (train config) != 3 (encoded)" in problems[0]
+    assert encoded_problems(slots, relabelled, ae) == []
 
 
 def test_a_tiny_run_trains_from_the_encoded_version(ray_local, tiny_dataset: Path,

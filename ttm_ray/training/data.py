@@ -290,6 +290,10 @@ def clip_spec(stage: int, model_cfg: ModelConfig, cfg: TrainDataConfig, ae: Any,
                     colour_seed=cfg.seed)
 
 
+# Geometry keys an encoded version may lack, and the value their absence means.
+GEOMETRY_DEFAULTS: dict[str, Any] = {"colour_slots": 0, "colour_seed": 0}
+
+
 def encoded_geometry(model_cfg: ModelConfig, cfg: TrainDataConfig,
                      pixel_shape: Sequence[int], stage: int | None = None) -> dict[str, Any]:
     """What an encoded version's rows depend on besides the encoders: the pixel clip, the
@@ -303,9 +307,12 @@ def encoded_geometry(model_cfg: ModelConfig, cfg: TrainDataConfig,
         "token_grid": list(token_grid(m)), "mask_rule": cfg.mask_rule,
         "mask_threshold": float(cfg.mask_threshold),
         "local_tokens_per_object": cfg.local_tokens_per_object,
-        # the relabelled colours are in the stored trajectory latents of both stages
-        "colour_slots": cfg.colour_slots, "colour_seed": cfg.seed if cfg.colour_slots else 0,
     }
+    if cfg.colour_slots:
+        # The relabelled colours are in the stored trajectory latents of both stages. Only
+        # recorded when used, so versions encoded before the option (and their encoding
+        # hash) still match runs that keep prep's colours (GEOMETRY_DEFAULTS).
+        geo.update(colour_slots=cfg.colour_slots, colour_seed=cfg.seed)
     if stage == 1:
         for key in ("token_grid", "mask_rule", "mask_threshold", "local_tokens_per_object"):
             geo.pop(key)
@@ -481,6 +488,7 @@ class TrainingData:
 
 
 __all__ = [
+    "GEOMETRY_DEFAULTS",
     "BadClipError",
     "BadRowsError",
     "DataPosition",

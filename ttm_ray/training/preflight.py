@@ -141,7 +141,7 @@ def encoded_problems(cfg: TrainConfig, version: DatasetVersion,
     local-token cap)."""
     from ttm_ray.config import to_dict
     from ttm_ray.dataset.encoded import differing_keys
-    from ttm_ray.training.data import encoded_geometry
+    from ttm_ray.training.data import GEOMETRY_DEFAULTS, encoded_geometry
 
     lineage = version.manifest.get("lineage", {})
     if lineage.get("kind") != "encoded":
@@ -151,8 +151,10 @@ def encoded_problems(cfg: TrainConfig, version: DatasetVersion,
            "matching encoded root")
     problems = [f"{d}: {fix}" for d in differing_keys(to_dict(cfg.encoders),
                                                       lineage.get("encoders", {}), "encoders")]
-    want = encoded_geometry(cfg.model, cfg.data, needed_clip(cfg, geo), cfg.model.stage)
-    have = {k: lineage.get("geometry", {}).get(k) for k in want}
+    want = {**GEOMETRY_DEFAULTS,
+            **encoded_geometry(cfg.model, cfg.data, needed_clip(cfg, geo), cfg.model.stage)}
+    recorded = lineage.get("geometry", {})
+    have = {k: recorded.get(k, GEOMETRY_DEFAULTS.get(k)) for k in want}
     problems += [f"data.encoded geometry {d}: {fix}"
                  for d in differing_keys(want, have, "geometry")]
     return problems
