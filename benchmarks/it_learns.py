@@ -47,6 +47,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Before Ray and DeepSpeed start: the training workers load DeepSpeed's CPU comm op from the
+# checkout's cache, which `make setup` builds (scripts/setup.sh) and the tests share. Without
+# it each run used ~/.cache/torch_extensions, whose build is stale for another checkout's
+# .venv, and rebuilt the op before the first step (37 s of a 633 s quick run).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # results_file (benchmarks/ is not a package)
 

@@ -32,4 +32,16 @@ echo "[setup] installing ttm-ray and its test extra"
 "${PIP[@]}" -c "$CONSTRAINTS" -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
 "$VENV/bin/python" -c "import ttm_ray, data_prep, jobs, torch, ray, sam2, decord" \
   || { echo "[setup] FAILED: the environment does not import; see the pip output above" >&2; exit 1; }
+# DeepSpeed JIT-builds its CPU comm op (g++, 40-45 s on 2 cores) at the first start of every
+# CPU training worker that finds no build: build it once here, into the cache the Makefile,
+# the tests and the benchmarks point TORCH_EXTENSIONS_DIR at (ninja makes a rerun a no-op).
+EXT_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+echo "[setup] building DeepSpeed's CPU comm op into $EXT_DIR"
+TORCH_EXTENSIONS_DIR=$EXT_DIR DS_ACCELERATOR=cpu \
+  "$VENV/bin/python" -c "
+from deepspeed.comm.torch import build_shm_op
+if build_shm_op() is None:
+    raise SystemExit('DeepSpeed reports its CPU comm op incompatible here')" \
+  || { echo "[setup] FAILED: DeepSpeed's CPU comm op did not build (needs g++); see above" >&2
+       exit 1; }
 echo "[setup] ok: $VENV"
