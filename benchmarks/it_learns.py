@@ -95,9 +95,10 @@ class Settings:
                              "--sample-steps must be >= 1")
 
 
-#: Sized for the budgets of issue 15 on 2 CPU cores: --quick <= 10 minutes (527 s measured;
-#: each Ray Train run adds ~45 s of start-up and export to its steps; stage 1 beats the static
-#: baseline from about 700 steps, 300 gave 0.38 against 0.47), the full run about 30 (1,807 s).
+#: Sized for the budgets of issue 15 on 2 CPU cores: --quick <= 10 minutes (527-633 s measured;
+#: each Ray Train run adds ~20 s of start-up and export to its steps; stage 1 beats the static
+#: baseline from 700 steps: 600 gave 0.456, 300 0.38, against 0.469), the full run about 30
+#: (1,807 s).
 QUICK = Settings(("dit",), train_clips=700, heldout_clips=21, stage1_steps=700,
                  stage2_steps=150, lr=2e-3, global_batch=16, sample_steps=20)
 FULL = Settings(FAMILIES, train_clips=1400, heldout_clips=42, stage1_steps=1600,
